@@ -1,0 +1,308 @@
+"""The Gemma decoder (Gemma 1, 2 and 3 text), one file; every difference is a config field.
+
+Module names follow Hugging Face's so a checkpoint's state dict loads as is:
+``model.embed_tokens``, ``model.layers.{i}.{input_layernorm, self_attn.{q,k,v,o}_proj, self_attn.{q,k}_norm,
+post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm, mlp.{gate,up,down}_proj}``,
+``model.norm``; the LM head is tied to the embedding matrix.
+
+The KV cache is static: :meth:`GemmaLM.setup_cache` preallocates ``(batch, kv_heads, max_len, head_dim)``
+per layer and forward passes write into it in place at their positions (``input_pos``), which may
+differ per row (batches of prompts of different lengths, right-padded).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.attention import attention
+
+from .config import GemmaConfig
+
+__all__ = ["GemmaLM", "RMSNorm", "KVCache", "rope_inv_freq", "apply_rope"]
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm: normalise in fp32, multiply by ``1 + w`` (w initialised to 0), cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling_factor: float = 1.0, rotary_dim: int | None = None) -> torch.Tensor:
+    """Inverse frequencies of rotate-half RoPE; linear scaling divides them by ``scaling_factor``."""
+    dim = rotary_dim or head_dim
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return inv / scaling_factor
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """``(batch, seq, dim)`` cos and sin computed in fp32 and cast to ``dtype`` (as transformers does)."""
+    freqs = position_ids.float()[..., None] * inv_freq.float()[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(batch, heads, seq, dim)`` by per-position ``cos``/``sin`` ``(batch, seq, dim)``."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, written in place at the tokens' positions."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: int):
+        """Write ``k``/``v`` ``(batch, kv_heads, seq, dim)`` from position ``start`` (int or per row);
+        return views of the first ``used`` cached positions."""
+        batch, seq = k.shape[0], k.shape[2]
+        if isinstance(start, int):
+            self.k[:batch, :, start:start + seq] = k
+            self.v[:batch, :, start:start + seq] = v
+        elif seq == 1:
+            rows = torch.arange(batch, device=k.device)
+            self.k[rows, :, start] = k[:, :, 0]
+            self.v[rows, :, start] = v[:, :, 0]
+        else:
+            idx = (start[:, None] + torch.arange(seq, device=k.device)[None, :])
+            idx = idx[:, None, :, None].expand(batch, k.shape[1], seq, k.shape[3])
+            self.k[:batch].scatter_(2, idx, k)
+            self.v[:batch].scatter_(2, idx, v)
+        return self.k[:batch, :, :used], self.v[:batch, :, :used]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.use_qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.use_qk_norm = c.use_qk_norm
+        self.scale = c.attn_scale
+        self.softcap = c.attn_logit_softcapping
+        self.window = c.sliding_window if c.is_sliding(layer) else None
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, ctx: _Context) -> torch.Tensor:
+        b, seq, _ = x.shape
+        q = self.q_proj(x).view(b, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, seq, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, seq, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.use_cache:
+            k, v = self.cache.update(ctx.start, k, v, ctx.kv_used)
+        out = attention(q, k, v, scale=self.scale, causal=ctx.causal, window=self.window,
+                        softcap=self.softcap, prefix_lens=ctx.prefix_lens, q_offset=ctx.start,
+                        kv_lens=ctx.kv_lens, backend=ctx.backend)
+        return self.o_proj(out.transpose(1, 2).reshape(b, seq, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.sliding = config.is_sliding(layer)
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        # Gemma 1 names its pre-MLP norm post_attention_layernorm; Gemma 2/3 use it after attention.
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.sandwich = config.use_post_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, h, rope, ctx: _Context):
+        cos, sin = rope[self.sliding]
+        a = self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+        if not self.sandwich:
+            h = h + a
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.post_attention_layernorm(a)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class _Context:
+    """What every layer of one forward pass shares (cache position, masks, backend)."""
+
+    __slots__ = ("start", "kv_used", "kv_lens", "prefix_lens", "causal", "use_cache", "backend")
+
+    def __init__(self, start, kv_used, kv_lens, prefix_lens, causal, use_cache, backend):
+        self.start, self.kv_used, self.kv_lens = start, kv_used, kv_lens
+        self.prefix_lens, self.causal, self.use_cache, self.backend = prefix_lens, causal, use_cache, backend
+
+
+class GemmaDecoder(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=None)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class GemmaLM(nn.Module):
+    """A Gemma causal language model: ``model(input_ids)`` returns logits ``(batch, seq, vocab)``.
+
+    With a cache set up (:meth:`setup_cache`), pass ``input_pos`` (an int, or one start per row) to
+    write this chunk's keys and values at those positions and attend over everything cached before.
+    """
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.model = GemmaDecoder(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        c = config
+        self.register_buffer("inv_freq_global", rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor),
+                             persistent=False)
+        self.register_buffer("inv_freq_local", rope_inv_freq(c.head_dim, c.rope_local_base_freq),
+                             persistent=False)
+        self.attention_backend: str | None = None  # None: the entry point's default (auto)
+        self.cache_batch = 0
+
+    # -- cache ---------------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
+        """Preallocate the static KV cache (reused while large enough)."""
+        c = self.config
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        device = device or self.model.embed_tokens.weight.device
+        first = self.model.layers[0].self_attn.cache
+        if (first is not None and first.k.shape[0] >= batch_size and first.max_len >= max_len
+                and first.k.dtype == dtype and first.k.device == torch.device(device)):
+            self.cache_batch = batch_size
+            return
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(batch_size, c.num_key_value_heads, max_len, c.head_dim, dtype, device)
+        self.cache_batch = batch_size
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+        self.cache_batch = 0
+
+    @property
+    def cache_len(self) -> int:
+        cache = self.model.layers[0].self_attn.cache
+        return 0 if cache is None else cache.max_len
+
+    # -- forward -------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings scaled by sqrt(hidden), the scale rounded to the weight dtype first."""
+        w = self.model.embed_tokens.weight
+        return self.model.embed_tokens(input_ids) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=w.dtype)
+
+    def hidden_states(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                      input_pos: int | torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      kv_lens: torch.Tensor | None = None, prefix_lens=None, causal: bool = True) -> torch.Tensor:
+        """Final-norm hidden states ``(batch, seq, hidden)``.
+
+        ``inputs_embeds`` replaces the (scaled) token embeddings (vision-language models insert image
+        features there). ``position_ids`` ``(batch, seq)`` default to the cache positions. ``kv_lens``
+        marks per-row valid key lengths (padding). ``prefix_lens`` makes the first P tokens of each
+        row bidirectional (prefix-LM); ``causal=False`` makes the whole sequence bidirectional.
+        """
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq = h.shape[:2]
+        device = h.device
+        use_cache = input_pos is not None
+        if use_cache and self.model.layers[0].self_attn.cache is None:
+            raise RuntimeError("input_pos given but no KV cache: call setup_cache(batch, max_len) first")
+        start = 0 if input_pos is None else input_pos
+        if isinstance(start, torch.Tensor):
+            start = start.to(device=device, dtype=torch.long)
+            if start.dim() == 0:
+                start = int(start)
+        if use_cache:
+            end = (start + seq) if isinstance(start, int) else int(start.max()) + seq
+            if end > self.cache_len:
+                raise ValueError(f"positions up to {end} exceed the KV cache length {self.cache_len}")
+            if batch > self.cache_batch:
+                raise ValueError(f"batch {batch} exceeds the KV cache batch {self.cache_batch}")
+            kv_used = end
+            if kv_lens is None and not isinstance(start, int):
+                kv_lens = start + seq
+        else:
+            kv_used = seq
+        if position_ids is None:
+            base = torch.arange(seq, device=device)[None, :]
+            position_ids = base + (start if isinstance(start, int) else start[:, None])
+            position_ids = position_ids.expand(batch, seq)
+        dtype = h.dtype
+        rope = {False: rope_cos_sin(position_ids, self.inv_freq_global, dtype),
+                True: rope_cos_sin(position_ids, self.inv_freq_local, dtype)}
+        ctx = _Context(start, kv_used, kv_lens, prefix_lens, causal, use_cache, self.attention_backend)
+        for layer in self.model.layers:
+            h = layer(h, rope, ctx)
+        return self.model.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head (tied) plus Gemma 2's final soft-capping."""
+        weight = self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
+        out = F.linear(hidden, weight)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    def forward(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        return self.logits(self.hidden_states(input_ids, **kwargs))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def generate(self, input_ids, **kwargs):
+        """Token-level generation; see :func:`models.generate.generate_ids`."""
+        from .generate import generate_ids
+
+        return generate_ids(self, input_ids, **kwargs)
