@@ -1,12 +1,33 @@
-"""Native PyTorch Gemma-family models: configs, checkpoint and tokenizer loading, generation."""
+"""Native PyTorch Gemma-family models: configs, checkpoint and tokenizer loading, generation.
 
-from .config import ConfigError, GemmaConfig, preset, preset_names
-from .gemma import GemmaLM
-from .generate import generate, generate_ids
-from .loading import CheckpointError, load_model
-from .tokenizer import load_tokenizer
+Public API: :func:`load_model`, :func:`load_tokenizer`, :func:`generate` (text, streaming) and
+:func:`generate_ids` (token level), :class:`GemmaConfig` with :func:`preset`. Submodules import
+lazily so ``import models`` stays cheap.
+"""
 
-__all__ = [
-    "ConfigError", "CheckpointError", "GemmaConfig", "GemmaLM", "generate", "generate_ids", "load_model",
-    "load_tokenizer", "preset", "preset_names",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ConfigError": "config", "GemmaConfig": "config", "preset": "config", "preset_names": "config",
+    "GemmaLM": "gemma",
+    "generate": "generate", "generate_ids": "generate",
+    "CheckpointError": "loading", "load_model": "loading",
+    "load_tokenizer": "tokenizer", "GemmaTokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
