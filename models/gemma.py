@@ -42,7 +42,8 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(head_dim: int, base: float, scaling_factor: float = 1.0, rotary_dim: int | None = None) -> torch.Tensor:
     """Inverse frequencies of rotate-half RoPE; linear scaling divides them by ``scaling_factor``."""
     dim = rotary_dim or head_dim
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # An explicit CPU device keeps this buffer real when the model is built on the meta device.
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     return inv / scaling_factor
 
 
