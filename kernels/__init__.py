@@ -1,0 +1,9 @@
+"""Triton kernels, each beside the plain-torch reference that specifies it."""
+
+from .attention import AttentionArgumentError, attention, attention_reference, attention_triton
+from .decode import decode_attention, decode_attention_reference, decode_attention_triton
+
+__all__ = [
+    "AttentionArgumentError", "attention", "attention_reference", "attention_triton",
+    "decode_attention", "decode_attention_reference", "decode_attention_triton",
+]

@@ -22,7 +22,14 @@ import os
 
 import torch
 
-__all__ = ["attention", "attention_reference", "validate_attention_args", "AttentionArgumentError"]
+try:  # triton is a Linux dependency; the torch path works without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+__all__ = ["attention", "attention_reference", "attention_triton", "validate_attention_args",
+           "AttentionArgumentError", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
 
 
 class AttentionArgumentError(ValueError):
@@ -141,5 +148,245 @@ def attention(q, k, v, *, scale: float | None = None, causal: bool = True, windo
     return _attention_triton(q, k, v, **kwargs)
 
 
-def _attention_triton(q, k, v, **kwargs):  # replaced by the Triton implementation below
-    raise AttentionArgumentError("the Triton attention backend is not available in this build")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------
+
+# Head dims the kernels take: one padded power-of-two tile of at least 16 (tl.dot's smallest K) and
+# at most 256 (q, k, v tiles plus the fp32 accumulator must fit in shared memory and registers).
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+def validate_kernel_args(q, k, v, *, window=None, softcap=None, prefix_lens=None, q_offset=0,
+                         kv_lens=None) -> None:
+    """Everything the reference checks plus what only the kernels need; raises before any launch."""
+    validate_attention_args(q, k, v, window=window, softcap=softcap)
+    batch = q.shape[0]
+    for name, value in (("prefix_lens", prefix_lens), ("q_offset", q_offset), ("kv_lens", kv_lens)):
+        _as_row_tensor(value, batch, q.device, name)
+    head_dim = q.shape[3]
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise AttentionArgumentError(
+            f"head_dim {head_dim} is not supported by the Triton kernels (supported: {MIN_HEAD_DIM}.."
+            f"{MAX_HEAD_DIM}, e.g. 64, 72, 128, 256); use backend='torch' for other head dims")
+    if q.dtype not in _KERNEL_DTYPES:
+        raise AttentionArgumentError(
+            f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}; cast the inputs first")
+    if triton is None:
+        raise AttentionArgumentError("backend='triton' needs the triton package (Linux); use backend='torch'")
+    if not q.is_cuda and not _interpreted(_prefill_kernel):
+        raise AttentionArgumentError(
+            f"backend='triton' on {q.device} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before triton is imported, move the tensors to CUDA, or use backend='torch'")
+
+
+def _interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def _row_params(q, k, prefix_lens, q_offset, kv_lens):
+    """Per-row int32 tensors the kernels read: query start position, valid KV length, prefix length."""
+    batch, device = q.shape[0], q.device
+    offset = _as_row_tensor(q_offset, batch, device, "q_offset").to(torch.int32)
+    lens = _as_row_tensor(kv_lens if kv_lens is not None else k.shape[2], batch, device, "kv_lens")
+    prefix = _as_row_tensor(prefix_lens if prefix_lens is not None else 0, batch, device, "prefix_lens")
+    return offset.contiguous(), lens.to(torch.int32).contiguous(), prefix.to(torch.int32).contiguous()
+
+
+def _kernel_flags(causal, window, softcap, prefix_lens, scale, head_dim):
+    """Constants shared by the prefill and decode kernels.
+
+    Scores are kept in base-2 units (exp2 is the fast exponential): without softcap the kernel
+    multiplies q.k by ``scale * log2(e)``; with softcap it computes ``cap * tanh(q.k * scale / cap)``
+    and then multiplies by ``log2(e)``.
+    """
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    has_softcap = softcap is not None
+    return dict(
+        qk_scale=scale / softcap if has_softcap else scale * _LOG2E,
+        softcap_log2=float(softcap) * _LOG2E if has_softcap else 1.0,
+        window=int(window) if window is not None else 0,
+        CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_SOFTCAP=has_softcap,
+        HAS_PREFIX=bool(causal) and prefix_lens is not None,
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr, FP32: tl.constexpr):
+        """``(M, N)`` fp32 scores in base-2 units from a ``(M, D)`` q tile and a ``(D, N)`` k tile."""
+        if FP32:  # exact fp32 products (the default would be TF32 on tensor cores)
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * qk_scale
+        if HAS_SOFTCAP:
+            # tanh(x) = 1 - 2 / (exp(2x) + 1): no NaN at either end (exp overflows to inf -> 1).
+            s = softcap_log2 * (1.0 - 2.0 / (tl.exp(2.0 * s) + 1.0))
+        return s
+
+    @triton.jit
+    def _visible(qpos, kpos, kv_len, prefix, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_PREFIX: tl.constexpr):
+        """Which keys each query sees (the module docstring's rule); qpos ``(M, 1)``, kpos ``(1, N)``."""
+        mask = kpos < kv_len
+        if CAUSAL:
+            allowed = kpos <= qpos
+            if HAS_PREFIX:
+                allowed = allowed | ((kpos < prefix) & (qpos < prefix))
+            mask = mask & allowed
+        if HAS_WINDOW:
+            mask = mask & (kpos > qpos - window)
+        return mask
+
+    @triton.jit
+    def _key_range(first_pos, last_pos, kv_len, prefix, window, CAUSAL: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr):
+        """Keys ``[lo, hi)`` that queries at positions ``first_pos..last_pos`` can see at all."""
+        hi = kv_len
+        if CAUSAL:
+            causal_hi = last_pos + 1
+            if HAS_PREFIX:
+                # queries inside the prefix see the whole prefix
+                causal_hi = tl.maximum(causal_hi, tl.where(first_pos < prefix, prefix, 0))
+            hi = tl.minimum(hi, causal_hi)
+        lo = hi * 0
+        if HAS_WINDOW:
+            lo = tl.maximum(first_pos - window + 1, 0)
+        return lo, hi
+
+    @triton.jit
+    def _prefill_kernel(
+        Q, K, V, OUT, Q_OFFSET, KV_LENS, PREFIX_LENS,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_om, stride_od,
+        q_len, kv_len_total, q_heads, group, qk_scale, softcap_log2, window,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HAS_PREFIX: tl.constexpr, FP32: tl.constexpr,
+    ):
+        """One program: BLOCK_M queries of one (row, query head), streaming its KV head's keys in
+        BLOCK_N tiles with an online softmax (FlashAttention-2 forward)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // q_heads
+        h = pid_bh % q_heads
+        kv_h = h // group  # GQA/MQA: index the shared KV head, never copy it
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < HEAD_DIM  # head dims like 72 live in a 128-wide padded tile
+        m_valid = offs_m < q_len
+
+        q_offset = tl.load(Q_OFFSET + b)
+        kv_len = tl.minimum(tl.load(KV_LENS + b), kv_len_total)
+        prefix = tl.load(PREFIX_LENS + b)
+        qpos = q_offset + offs_m
+
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+        k_base = K + b * stride_kb + kv_h * stride_kh + offs_d[:, None] * stride_kd
+        v_base = V + b * stride_vb + kv_h * stride_vh + offs_d[None, :] * stride_vd
+
+        first_pos = q_offset + pid_m * BLOCK_M
+        last_pos = q_offset + tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
+        lo, hi = _key_range(first_pos, last_pos, kv_len, prefix, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            kpos = start_n + offs_n
+            k_valid = kpos < hi
+            k = tl.load(k_base + kpos[None, :] * stride_kn, mask=d_valid[:, None] & k_valid[None, :], other=0.0)
+            s = _scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP, FP32)
+            visible = _visible(qpos[:, None], kpos[None, :], kv_len, prefix, window, CAUSAL, HAS_WINDOW,
+                               HAS_PREFIX)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead (no NaN).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + kpos[:, None] * stride_vn, mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+            if FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        # Queries that see no key at all output zeros (the reference's rule).
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+else:  # pragma: no cover
+    _prefill_kernel = None
+
+
+def _prefill_config(head_dim_block: int, on_gpu: bool) -> dict:
+    """Tile sizes and launch parameters per padded head dim.
+
+    On a GPU the tiles are sized for Hopper/Ampere shared memory (q tile + double-buffered k/v tiles +
+    fp32 accumulator); under the interpreter 32x32 tiles keep the Python loop short and still make
+    the odd test lengths (33, 130) straddle several tiles.
+    """
+    if not on_gpu:
+        return dict(BLOCK_M=32, BLOCK_N=32)
+    if head_dim_block <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if head_dim_block <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def attention_prefill_triton(q, k, v, *, scale=None, causal=True, window=None, softcap=None,
+                             prefix_lens=None, q_offset=0, kv_lens=None) -> torch.Tensor:
+    """The FlashAttention-2-style Triton kernel for any ``q_len`` (same arguments as the reference)."""
+    validate_kernel_args(q, k, v, window=window, softcap=softcap, prefix_lens=prefix_lens,
+                         q_offset=q_offset, kv_lens=kv_lens)
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    if q_len == 0 or batch == 0:
+        return out
+    offset, lens, prefix = _row_params(q, k, prefix_lens, q_offset, kv_lens)
+    flags = _kernel_flags(causal, window, softcap, prefix_lens, scale, head_dim)
+    block_d = max(triton.next_power_of_2(head_dim), MIN_HEAD_DIM)
+    config = _prefill_config(block_d, q.is_cuda)
+    grid = (triton.cdiv(q_len, config["BLOCK_M"]), batch * q_heads)
+    _prefill_kernel[grid](
+        q, k, v, out, offset, lens, prefix,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q_len, kv_len, q_heads, q_heads // kv_heads, flags.pop("qk_scale"), flags.pop("softcap_log2"),
+        flags.pop("window"),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, FP32=q.dtype == torch.float32, **flags, **config,
+    )
+    return out
+
+
+def attention_triton(q, k, v, *, scale=None, causal=True, window=None, softcap=None, prefix_lens=None,
+                     q_offset=0, kv_lens=None) -> torch.Tensor:
+    """The Triton path: the split-K decode kernel for one query per row, the prefill kernel otherwise."""
+    kwargs = dict(scale=scale, causal=causal, window=window, softcap=softcap, prefix_lens=prefix_lens,
+                  q_offset=q_offset, kv_lens=kv_lens)
+    validate_kernel_args(q, k, v, window=window, softcap=softcap, prefix_lens=prefix_lens,
+                         q_offset=q_offset, kv_lens=kv_lens)
+    if q.shape[2] == 1:
+        from .decode import decode_attention_triton  # decode.py builds on this module
+
+        return decode_attention_triton(q, k, v, **kwargs)
+    return attention_prefill_triton(q, k, v, **kwargs)
+
+
+_attention_triton = attention_triton
