@@ -1,0 +1,39 @@
+"""Statistical grounding (DataGemma-style): statistics sources, RIG and RAG pipelines, LLM backends, ``ask``.
+
+Public API: :func:`ask` -> :class:`Answer`; pipelines :class:`RIG` (with :func:`parse_annotations`,
+:class:`AnnotationParser`, :func:`ground_text`) and :class:`RAG`; LLM backends :class:`NativeGemma`,
+:class:`GeminiREST`, :class:`LangChainLLM`; sources through :func:`open_source` and
+:func:`lookup_many`; the result types and errors of :mod:`grounding.types`. Submodules import lazily so
+``import grounding`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .types import __all__ as _types_all
+
+_EXPORTS = {
+    "Answer": "answer", "ask": "answer", "state_plainly": "answer",
+    "RIG": "rig", "RIGResult": "rig", "Claim": "rig", "Annotation": "rig", "AnnotationParser": "rig",
+    "parse_annotations": "rig", "ground_text": "rig", "substitute": "rig",
+    "RAG": "rag", "RAGResult": "rag", "NumberedTable": "rag", "parse_questions": "rag", "render_table": "rag",
+    "NativeGemma": "llm", "GeminiREST": "llm", "LangChainLLM": "llm", "LLMError": "llm", "load_llm": "llm",
+    "open_source": "sources", "lookup_many": "sources",
+    **{name: "types" for name in _types_all},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'grounding' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
