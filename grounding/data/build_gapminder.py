@@ -68,13 +68,13 @@ VARIABLES = {
 
 # Continents (Data Commons dcids) and the region gapminder calls "Americas".
 CONTINENTS = [
-    ("africa", "Africa", "Continent", "", ["african continent"]),
-    ("asia", "Asia", "Continent", "", ["asian continent"]),
-    ("europe", "Europe", "Continent", "", ["european continent"]),
-    ("northamerica", "North America", "Continent", "", []),
-    ("southamerica", "South America", "Continent", "", ["latin america south"]),
-    ("oceania", "Oceania", "Continent", "", ["australasia"]),
-    ("americas", "Americas", "Region", "", ["the americas", "america continent"]),
+    ("africa", "Africa", "Continent", "", ["african"]),
+    ("asia", "Asia", "Continent", "", ["asian"]),
+    ("europe", "Europe", "Continent", "", ["european"]),
+    ("northamerica", "North America", "Continent", "", ["north american"]),
+    ("southamerica", "South America", "Continent", "", ["south american"]),
+    ("oceania", "Oceania", "Continent", "", ["oceanian", "australasia"]),
+    ("americas", "Americas", "Region", "", ["the americas"]),
 ]
 
 # gapminder country name -> (ISO alpha-3, Data Commons style English name, aliases incl. demonyms).
@@ -272,6 +272,9 @@ PLACES_WITHOUT_DATA = [
     ("country/BLZ", "Belize", "Country", "northamerica", []),
     ("country/DMA", "Dominica", "Country", "northamerica", []),
     ("country/TLS", "Timor-Leste", "Country", "asia", ["east timor"]),
+    ("LatinAmericaAndCaribbean", "Latin America and the Caribbean", "Region", "", ["latin america"]),
+    ("CentralAmerica", "Central America", "Region", "", []),
+    ("EuropeanUnion", "European Union", "Region", "", ["eu"]),
     ("geoId/35", "New Mexico", "State", "country/USA", []),
     ("geoId/34", "New Jersey", "State", "country/USA", []),
     ("geoId/11", "District of Columbia", "State", "country/USA", ["washington dc", "washington d.c."]),
