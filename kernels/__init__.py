@@ -1,11 +1,16 @@
-"""Triton kernels, each beside the plain-torch reference that specifies it."""
+"""Triton kernels, each beside the plain-torch reference that specifies it.
 
-from .attention import AttentionArgumentError, attention, attention_reference, attention_triton
+The entry points live in their modules: ``from kernels.attention import attention`` and
+``from kernels.maxsim import maxsim`` (the package does not re-export them, so ``kernels.attention``
+and ``kernels.maxsim`` stay the modules).
+"""
+
+from .attention import AttentionArgumentError, attention_reference, attention_triton
 from .decode import decode_attention, decode_attention_reference, decode_attention_triton
-from .maxsim import MaxSimArgumentError, maxsim, maxsim_reference, maxsim_triton
+from .maxsim import MaxSimArgumentError, maxsim_reference, maxsim_triton
 
 __all__ = [
-    "AttentionArgumentError", "attention", "attention_reference", "attention_triton",
+    "AttentionArgumentError", "attention_reference", "attention_triton",
     "decode_attention", "decode_attention_reference", "decode_attention_triton",
-    "MaxSimArgumentError", "maxsim", "maxsim_reference", "maxsim_triton",
+    "MaxSimArgumentError", "maxsim_reference", "maxsim_triton",
 ]
