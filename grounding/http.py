@@ -1,0 +1,291 @@
+"""Resilient HTTP for every remote statistics call: timeouts, retries, concurrency, caching, redaction.
+
+- Every request has a (connect, read) timeout.
+- Connection errors, timeouts, truncated bodies, HTTP 429 and 5xx are retried with exponential backoff
+  and full jitter; a 429's ``Retry-After`` (seconds or an HTTP date) is honoured up to
+  ``RetryPolicy.max_retry_after`` (a longer wait is not slept through: :class:`RateLimitedError`).
+- 401/403 raise :class:`AuthError`; other 4xx raise :class:`DataSourceError` with the server's message.
+- A body that is not JSON, or JSON without the documented fields, raises :class:`SchemaDriftError`
+  naming the field (see :func:`validate`).
+- Responses can be cached on disk (:class:`ResponseCache`) with an expiry, to save quota.
+- :func:`map_bounded` runs calls with at most N in flight and returns outcomes in input order.
+- API keys never reach logs, exception messages or reprs: the key is added to the request at send
+  time only, and all text leaving this module passes through :func:`redact`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import requests
+from pydantic import BaseModel, ValidationError
+
+from .types import AuthError, DataSourceError, RateLimitedError, SchemaDriftError, TransientError
+
+__all__ = [
+    "DEFAULT_NL_URL", "DEFAULT_REST_URL", "API_KEY_ENV", "RetryPolicy", "ResponseCache", "HttpClient",
+    "map_bounded", "Outcome", "validate", "redact", "api_key_from_env",
+]
+
+# The public Data Commons endpoints, in one place.
+DEFAULT_NL_URL = "https://nl.datacommons.org"  # natural-language endpoint: {url}/nodejs/query
+DEFAULT_REST_URL = "https://api.datacommons.org/v2"  # REST v2: {url}/observation, /resolve, /node
+API_KEY_ENV = "DC_API_KEY"
+
+log = logging.getLogger("grounding.http")
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+def api_key_from_env(api_key: str | None = None) -> str | None:
+    """The explicit key, else ``$DC_API_KEY``, else None."""
+    return api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """``text`` with every secret (and its URL-encoded form) replaced by ``***``."""
+    for secret in secrets:
+        if secret:
+            for form in {secret, urlencode({"k": secret})[2:]}:
+                text = text.replace(form, "***")
+    return text
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try. Defaults suit an interactive tool; tests shrink the delays."""
+
+    attempts: int = 4  # total tries, including the first
+    connect_timeout: float = 5.0  # seconds
+    read_timeout: float = 30.0  # seconds, between bytes of the response
+    backoff_base: float = 0.5  # first retry waits up to this long (full jitter), doubling each retry
+    backoff_max: float = 8.0
+    max_retry_after: float = 60.0  # longest Retry-After we sleep through; longer -> RateLimitedError
+
+    def backoff(self, retry: int, rng: random.Random) -> float:
+        """Full-jitter exponential backoff before retry number ``retry`` (0-based)."""
+        return rng.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** retry))
+
+
+def _retry_after_seconds(header: str | None) -> float | None:
+    if not header:
+        return None
+    try:
+        return max(0.0, float(header))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class ResponseCache:
+    """JSON responses on disk, one file per request, valid for ``ttl`` seconds.
+
+    The file name is a hash of the request without the API key; files hold only the response body and
+    the time it was stored.
+    """
+
+    def __init__(self, directory: str | Path, ttl: float = 24 * 3600):
+        self.directory = Path(directory)
+        self.ttl = ttl
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"ResponseCache({str(self.directory)!r}, ttl={self.ttl})"
+
+    def _path(self, key: str) -> Path:
+        return self.directory / (hashlib.sha256(key.encode("utf-8")).hexdigest() + ".json")
+
+    def get(self, key: str) -> Any | None:
+        path = self._path(key)
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(entry, dict) or time.time() - entry.get("stored_at", 0) > self.ttl:
+            return None
+        return entry.get("body")
+
+    def put(self, key: str, body: Any) -> None:
+        path = self._path(key)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps({"stored_at": time.time(), "body": body}), encoding="utf-8")
+        os.replace(tmp, path)  # atomic: readers never see half a file
+
+    def clear(self) -> None:
+        for path in self.directory.glob("*.json"):
+            path.unlink(missing_ok=True)
+
+
+class HttpClient:
+    """JSON over HTTP with the policy above. ``key_param`` / ``key_header`` say how the key is sent."""
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, key_param: str | None = None,
+                 key_header: str | None = None, policy: RetryPolicy | None = None,
+                 cache: ResponseCache | None = None, session: requests.Session | None = None,
+                 user_agent: str = "gemma-grounding/0.1", seed: int | None = None):
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self.key_param = key_param
+        self.key_header = key_header
+        self.policy = policy or RetryPolicy()
+        self.cache = cache
+        self._session = session or requests.Session()
+        self._session.headers["User-Agent"] = user_agent
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        key = ", api_key=***" if self._api_key else ""
+        return f"HttpClient({self.base_url!r}{key})"
+
+    @property
+    def has_key(self) -> bool:
+        return bool(self._api_key)
+
+    def _redact(self, text: str) -> str:
+        return redact(text, [self._api_key])
+
+    def get_json(self, path: str, params: dict[str, Any] | Sequence[tuple[str, Any]] | None = None) -> Any:
+        return self._request("GET", path, params=params)
+
+    def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        return self._request("POST", path, body=body)
+
+    def _request(self, method: str, path: str, *, params=None, body=None) -> Any:
+        url = f"{self.base_url}/{path.lstrip('/')}" if path else self.base_url
+        param_list = list(params.items() if isinstance(params, dict) else params or [])
+        # What the request is, without the key: names it in errors and keys the cache.
+        described = f"{method} {url}" + (f"?{urlencode(param_list)}" if param_list else "")
+        cache_key = described + ("" if body is None else " " + json.dumps(body, sort_keys=True))
+        if self.cache is not None:
+            cached = self.cache.get(cache_key)
+            if cached is not None:
+                log.debug("cache hit: %s", self._redact(described))
+                return cached
+
+        headers = {"Accept": "application/json"}
+        if self._api_key and self.key_header:
+            headers[self.key_header] = self._api_key
+        if self._api_key and self.key_param:
+            param_list = [*param_list, (self.key_param, self._api_key)]
+
+        last_error: Exception | None = None
+        for attempt in range(self.policy.attempts):
+            try:
+                data = self._send_once(method, url, param_list, body, headers, described)
+            except RateLimitedError as exc:
+                last_error = exc
+                wait = exc.retry_after
+                if wait is not None and wait > self.policy.max_retry_after:
+                    raise
+                if wait is None:
+                    with self._rng_lock:
+                        wait = self.policy.backoff(attempt, self._rng)
+            except TransientError as exc:
+                last_error = exc
+                with self._rng_lock:
+                    wait = self.policy.backoff(attempt, self._rng)
+            else:
+                if self.cache is not None:
+                    self.cache.put(cache_key, data)
+                return data
+            if attempt + 1 < self.policy.attempts:
+                log.info("retrying in %.2fs after: %s", wait, last_error)
+                time.sleep(wait)
+        assert last_error is not None
+        if isinstance(last_error, RateLimitedError):
+            raise RateLimitedError(f"{last_error} (gave up after {self.policy.attempts} attempts)",
+                                   retry_after=last_error.retry_after) from None
+        raise type(last_error)(f"{last_error} (gave up after {self.policy.attempts} attempts)") from None
+
+    def _send_once(self, method, url, params, body, headers, described) -> Any:
+        try:
+            response = self._session.request(
+                method, url, params=params, json=body, headers=headers,
+                timeout=(self.policy.connect_timeout, self.policy.read_timeout))
+            text = response.text  # reads the whole body: a cut connection fails here
+        except requests.Timeout:
+            raise TransientError(f"{described}: timed out (connect {self.policy.connect_timeout}s, read "
+                                 f"{self.policy.read_timeout}s)") from None
+        except requests.RequestException as exc:
+            # The exception text can contain the full URL with the key: redact, and drop the chain.
+            raise TransientError(self._redact(f"{described}: connection failed: {type(exc).__name__}: {exc}")) \
+                from None
+        status = response.status_code
+        if status == 429:
+            retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
+            raise RateLimitedError(f"{described}: HTTP 429 rate limited"
+                                   + (f" (Retry-After {retry_after:.0f}s)" if retry_after is not None else ""),
+                                   retry_after=retry_after)
+        if status >= 500:
+            raise TransientError(f"{described}: HTTP {status} server error: {self._redact(text[:200])}")
+        if status in (401, 403):
+            raise AuthError(f"{described}: HTTP {status}: the API key is missing, wrong or not enabled for "
+                            f"this API (set {API_KEY_ENV} or pass api_key=): {self._redact(text[:200])}")
+        if status >= 400:
+            raise DataSourceError(f"{described}: HTTP {status}: {self._redact(text[:300])}")
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) != len(response.content):
+                raise TransientError(f"{described}: body cut short ({len(response.content)} of {declared} "
+                                     f"bytes)") from None
+            raise SchemaDriftError(f"{described}: the response is not valid JSON ({exc.msg} at character "
+                                   f"{exc.pos} of {len(text)}): {self._redact(text[:120])!r}") from None
+
+
+def validate(model: type[M], data: Any, what: str) -> M:
+    """``model.model_validate(data)``, with drift reported as :class:`SchemaDriftError` naming the fields."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+                             for e in exc.errors()[:5])
+        raise SchemaDriftError(f"{what}: the response does not have the documented shape ({problems}); the "
+                               f"API may have changed") from None
+
+
+@dataclass
+class Outcome:
+    """The result of one call in :func:`map_bounded`: ``value`` or ``error``."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+
+def map_bounded(function: Callable[[T], Any], items: Sequence[T], max_workers: int = 4) -> list[Outcome]:
+    """``function`` over ``items`` with at most ``max_workers`` running; outcomes in input order.
+
+    An exception in one call becomes that item's ``Outcome.error``; the other items still finish.
+    """
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+
+    def run(item: T) -> Outcome:
+        try:
+            return Outcome(value=function(item))
+        except Exception as exc:  # reported per item, never lost
+            return Outcome(error=exc)
+
+    if max_workers == 1 or len(items) <= 1:
+        return [run(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(items))) as pool:
+        return list(pool.map(run, items))
