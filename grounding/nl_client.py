@@ -80,9 +80,15 @@ def _matched_variable(response: NLResponse) -> str | None:
         return None
 
 
-def _cell(text: str) -> str | float | None:
+# Columns whose cells stay text even when they look like numbers ("2007", rank "1").
+TEXT_COLUMNS = {"date", "rank", "place", "variable", "entity", "name"}
+
+
+def _cell(text: str, column: str) -> str | float | None:
     if text == "":
         return None
+    if column.strip().lower() in TEXT_COLUMNS:
+        return text
     try:
         return float(text)
     except ValueError:
@@ -117,7 +123,7 @@ def parse_table(query: str, response: NLResponse) -> TableResult | None:
         return TableResult(
             query=query, title=chart.title, unit=chart.unit or None,
             source=SourceRef(name=source.name, url=source.url) if source else None, columns=header,
-            rows=[[_cell(c) for c in r] for r in body], variables=chart.vars, places=chart.places,
+            rows=[[_cell(c, h) for c, h in zip(r, header, strict=True)] for r in body], variables=chart.vars, places=chart.places,
             score=_match_score(response), url=chart.dcUrl)
     return None
 
