@@ -1,0 +1,227 @@
+"""Speed of our Triton attention kernels on a CUDA GPU, in hardware units, beside baselines.
+
+    python benchmarks/bench_attention.py                   # everything (about a minute on an H100)
+    python benchmarks/bench_attention.py --seq-lens 1024 4096 --decode-contexts 4096
+
+Prefill (TFLOP/s): our kernel against FlexAttention (softcap as a score_mod, sliding window as a
+block mask) on Gemma 2 shapes (head dim 256, softcap 50, window 4096, 16 query / 8 KV heads, bf16,
+sequence 1k-16k), and against SDPA's flash backend on plain causal attention with head dim 128.
+Targets: >= 1.0x FlexAttention on the Gemma 2 shapes, >= 0.8x SDPA flash on plain causal.
+
+FLOPs are counted over the (query, key) pairs that are actually visible: two matmuls (Q K^T and
+P V) of 2 * head_dim FLOPs per pair, so ``4 * batch * heads * head_dim * visible_pairs``; a causal
+mask halves the pairs (L (L + 1) / 2) and a window of W keys leaves about L * W.
+
+Decode (GB/s): the split-K kernel for one new token per row against a bf16 KV cache of 1k-32k
+tokens, bytes = the K and V rows it must read (plus q and the output), against the GPU's memory
+bandwidth (from its clock and bus width when torch reports them, and a measured device copy).
+Target: > 70 % of bandwidth at long contexts.
+
+Before timing, each kernel configuration is checked against the torch reference at a small size
+(bf16 is verified here, on the GPU: the CPU interpreter's bf16 arithmetic is unreliable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from kernels.attention import attention_prefill_triton, attention_reference
+from kernels.decode import decode_attention_triton
+
+
+def visible_pairs(q_len: int, kv_len: int, causal: bool, window: int | None) -> int:
+    """(query, key) pairs the mask leaves, queries being the last ``q_len`` positions of the keys."""
+    total = 0
+    for pos in range(kv_len - q_len, kv_len):
+        hi = pos + 1 if causal else kv_len
+        lo = max(0, pos - window + 1) if window is not None else 0
+        total += max(0, hi - lo)
+    return total
+
+
+def prefill_flops(batch, heads, q_len, kv_len, head_dim, causal, window) -> float:
+    return 4.0 * batch * heads * head_dim * visible_pairs(q_len, kv_len, causal, window)
+
+
+def bench_ms(fn, *args, **kwargs) -> float:
+    """Median milliseconds of ``fn(*args, **kwargs)`` (Triton's do_bench: warm-up, L2 flush)."""
+    from triton.testing import do_bench
+
+    return do_bench(lambda: fn(*args, **kwargs), warmup=25, rep=100)
+
+
+def check(name, out, ref, v) -> None:
+    """Kernel against the reference at the benchmark's dtype. The kernel rounds the softmax weights
+    and its output to the input dtype and the reference rounds its output: <= 3 u max|v|."""
+    unit = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -22}[v.dtype]
+    limit = 3 * unit * float(v.float().abs().max())
+    err = (out.float() - ref.float()).abs().max().item()
+    status = "ok" if err <= limit else "MISMATCH"
+    print(f"  check {name:<44} max|err| {err:.2e} (limit {limit:.1e}) {status}")
+
+
+# -- prefill ------------------------------------------------------------------------------------------
+
+_flex_compiled = None
+
+
+def flex_callable(window: int, softcap: float, seq: int, scale: float):
+    """FlexAttention for causal + window + softcap (compiled once), or None and the reason."""
+    global _flex_compiled
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:
+        return None, f"FlexAttention unavailable ({exc})"
+
+    def sliding_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    def tanh_softcap(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    block_mask = create_block_mask(sliding_causal, None, None, seq, seq, device="cuda")
+
+    def run(q, k, v):
+        return _flex_compiled(q, k, v, score_mod=tanh_softcap, block_mask=block_mask, scale=scale,
+                              enable_gqa=True)
+
+    return run, None
+
+
+def bench_prefill_gemma2(seq_lens, batch_tokens, do_check: bool) -> None:
+    heads, kv_heads, head_dim, window, softcap = 16, 8, 256, 4096, 50.0
+    scale, dtype = 256 ** -0.5, torch.bfloat16
+    print(f"\nPrefill, Gemma 2 local layer: {heads} q / {kv_heads} kv heads, head dim {head_dim}, softcap "
+          f"{softcap:g}, window {window}, causal, {str(dtype)[6:]}")
+    print(f"  {'seq':>6} {'batch':>5} {'ours TFLOP/s':>13} {'flex TFLOP/s':>13} {'ours/flex':>9}")
+    for seq in seq_lens:
+        batch = max(1, batch_tokens // seq)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype, generator=gen)
+        k = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", dtype=dtype, generator=gen)
+        v = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", dtype=dtype, generator=gen)
+        kwargs = dict(scale=scale, causal=True, window=window, softcap=softcap)
+        if do_check and seq <= 2048:
+            check(f"gemma2 seq {seq}", attention_prefill_triton(q[:1], k[:1], v[:1], **kwargs),
+                  attention_reference(q[:1], k[:1], v[:1], **kwargs), v)
+        flops = prefill_flops(batch, heads, seq, seq, head_dim, True, window)
+        ours = flops / bench_ms(attention_prefill_triton, q, k, v, **kwargs) / 1e9
+        flex, why = flex_callable(window, softcap, seq, scale)
+        flex_tflops = None
+        if flex is not None:
+            try:
+                flex_tflops = flops / bench_ms(flex, q, k, v) / 1e9
+            except Exception as exc:  # report, keep benchmarking our kernel
+                why = f"FlexAttention failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        ratio = f"{ours / flex_tflops:9.2f}" if flex_tflops else f"{'-':>9}"
+        flex_text = f"{flex_tflops:13.1f}" if flex_tflops else f"{'-':>13}"
+        print(f"  {seq:>6} {batch:>5} {ours:13.1f} {flex_text} {ratio}" + (f"   ({why})" if why else ""))
+    print("  target: ours/flex >= 1.00")
+
+
+def sdpa_flash_causal(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def bench_prefill_causal_128(seq_lens, batch_tokens, do_check: bool) -> None:
+    heads, head_dim, dtype = 16, 128, torch.bfloat16
+    print(f"\nPrefill, plain causal: {heads} heads (MHA), head dim {head_dim}, {str(dtype)[6:]}")
+    print(f"  {'seq':>6} {'batch':>5} {'ours TFLOP/s':>13} {'SDPA flash':>13} {'ours/SDPA':>9}")
+    for seq in seq_lens:
+        batch = max(1, batch_tokens // seq)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype, generator=gen)
+                   for _ in range(3))
+        if do_check and seq <= 2048:
+            check(f"causal d128 seq {seq}", attention_prefill_triton(q[:1], k[:1], v[:1]),
+                  attention_reference(q[:1], k[:1], v[:1]), v)
+        flops = prefill_flops(batch, heads, seq, seq, head_dim, True, None)
+        ours = flops / bench_ms(attention_prefill_triton, q, k, v, causal=True) / 1e9
+        try:
+            base = flops / bench_ms(sdpa_flash_causal, q, k, v) / 1e9
+            print(f"  {seq:>6} {batch:>5} {ours:13.1f} {base:13.1f} {ours / base:9.2f}")
+        except RuntimeError as exc:
+            print(f"  {seq:>6} {batch:>5} {ours:13.1f} {'-':>13} {'-':>9}   (SDPA flash failed: {exc})")
+    print("  target: ours/SDPA >= 0.80")
+
+
+# -- decode -------------------------------------------------------------------------------------------
+
+def peak_bandwidth_gbs() -> float | None:
+    """Theoretical DRAM bandwidth from the reported memory clock (kHz) and bus width (bits), if any."""
+    props = torch.cuda.get_device_properties(0)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # double data rate
+
+
+def measured_copy_gbs() -> float:
+    """Bandwidth of a large device-to-device copy (read + write), the practical ceiling."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / bench_ms(dst.copy_, src) / 1e6
+
+
+def bench_decode(contexts, batch: int, do_check: bool) -> None:
+    heads, kv_heads, head_dim, dtype = 16, 8, 256, torch.bfloat16
+    peak, copy = peak_bandwidth_gbs(), measured_copy_gbs()
+    peak_text = f"{peak:.0f} GB/s theoretical, " if peak else ""
+    print(f"\nDecode (split-K): batch {batch}, {heads} q / {kv_heads} kv heads, head dim {head_dim}, "
+          f"{str(dtype)[6:]} cache; memory: {peak_text}{copy:.0f} GB/s measured copy")
+    print(f"  {'context':>7} {'window':>6} {'us':>8} {'GB/s':>8} {'% peak':>7} {'% copy':>7}")
+    elem = torch.finfo(dtype).bits // 8
+    for context in contexts:
+        for window in (None, 4096):
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype, generator=gen)
+            k = torch.randn(batch, kv_heads, context, head_dim, device="cuda", dtype=dtype, generator=gen)
+            v = torch.randn(batch, kv_heads, context, head_dim, device="cuda", dtype=dtype, generator=gen)
+            kwargs = dict(scale=256 ** -0.5, softcap=50.0, window=window, q_offset=context - 1)
+            if do_check and context <= 8192:
+                check(f"decode ctx {context} window {window}", decode_attention_triton(q, k, v, **kwargs),
+                      attention_reference(q, k, v, **kwargs), v)
+            keys = min(context, window) if window else context
+            bytes_moved = (2 * batch * kv_heads * keys * head_dim + 2 * batch * heads * head_dim) * elem
+            ms = bench_ms(decode_attention_triton, q, k, v, **kwargs)
+            gbs = bytes_moved / ms / 1e6
+            peak_pct = f"{100 * gbs / peak:6.1f}%" if peak else f"{'-':>7}"
+            print(f"  {context:>7} {str(window):>6} {ms * 1e3:8.1f} {gbs:8.0f} {peak_pct} {100 * gbs / copy:6.1f}%")
+    print("  target: > 70% of memory bandwidth at long contexts (window None, 16k+)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--batch-tokens", type=int, default=16384, help="batch = batch_tokens // seq")
+    parser.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    parser.add_argument("--decode-batch", type=int, default=4)
+    parser.add_argument("--no-check", action="store_true", help="skip the checks against the reference")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention.py needs a CUDA GPU (the kernels are compiled by Triton for it); none is "
+              "visible here. Correctness is tested on the CPU by tests/kernels under TRITON_INTERPRET=1.",
+              file=sys.stderr)
+        return 2
+    import triton
+
+    print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, triton {triton.__version__}")
+    do_check = not args.no_check
+    bench_prefill_gemma2(args.seq_lens, args.batch_tokens, do_check)
+    bench_prefill_causal_128(args.seq_lens, args.batch_tokens, do_check)
+    bench_decode(args.decode_contexts, args.decode_batch, do_check)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
