@@ -266,7 +266,8 @@ class Store:
                                                 value=value, unit=row.get("unit", ""),
                                                 source=row.get("source", "")))
         if problems:
-            raise StoreImportError(problems)
+            file_order = list(dict.fromkeys(p.file for p in problems))
+            raise StoreImportError(sorted(problems, key=lambda p: (file_order.index(p.file), p.line)))
 
         with self._lock:
             try:
