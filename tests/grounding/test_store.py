@@ -67,7 +67,7 @@ def test_bad_rows_are_reported_with_line_numbers_and_nothing_is_imported():
     assert "'abc' is not a finite number" in problems[0].message
     assert "unknown entity 'country/XXX'" in problems[1].message
     assert "bad date '07/2007'" in problems[2].message
-    assert "4 fields where the header has 6" in problems[3].message
+    assert "3 fields where the header has 6" in problems[3].message
     assert ":3:" in str(caught.value) and "nothing was imported" in str(caught.value)
     after = (store.count_observations(), [v.dcid for v in store.variables()], [p.dcid for p in store.places()])
     assert after == before  # the good row and the new variable were not imported either
