@@ -279,6 +279,7 @@ if triton is not None:
         b = pid_bh // q_heads
         h = pid_bh % q_heads
         kv_h = h // group  # GQA/MQA: index the shared KV head, never copy it
+        b64, h64, kv_h64 = b.to(tl.int64), h.to(tl.int64), kv_h.to(tl.int64)  # no int32 overflow on big caches
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -291,10 +292,10 @@ if triton is not None:
         prefix = tl.load(PREFIX_LENS + b)
         qpos = q_offset + offs_m
 
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-        k_base = K + b * stride_kb + kv_h * stride_kh + offs_d[:, None] * stride_kd
-        v_base = V + b * stride_vb + kv_h * stride_vh + offs_d[None, :] * stride_vd
+        k_base = K + b64 * stride_kb + kv_h64 * stride_kh + offs_d[:, None] * stride_kd
+        v_base = V + b64 * stride_vb + kv_h64 * stride_vh + offs_d[None, :] * stride_vd
 
         first_pos = q_offset + pid_m * BLOCK_M
         last_pos = q_offset + tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
@@ -327,7 +328,7 @@ if triton is not None:
         # Queries that see no key at all output zeros (the reference's rule).
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
-        o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        o_ptrs = OUT + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
 else:  # pragma: no cover

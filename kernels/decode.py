@@ -91,6 +91,7 @@ if triton is not None:
         split = tl.program_id(1)
         b = pid_bh // kv_heads
         kv_h = pid_bh % kv_heads
+        b64, kv_h64 = b.to(tl.int64), kv_h.to(tl.int64)  # no int32 overflow on big caches
 
         offs_g = tl.arange(0, BLOCK_G)  # the group's query heads, padded to tl.dot's 16 rows
         offs_n = tl.arange(0, BLOCK_N)
@@ -106,10 +107,10 @@ if triton is not None:
         start = lo + split * chunk
         end = tl.minimum(start + chunk, hi)
 
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        q = tl.load(Q + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                     mask=g_valid[:, None] & d_valid[None, :], other=0.0)
-        k_base = K + b * stride_kb + kv_h * stride_kh + offs_d[:, None] * stride_kd
-        v_base = V + b * stride_vb + kv_h * stride_vh + offs_d[None, :] * stride_vd
+        k_base = K + b64 * stride_kb + kv_h64 * stride_kh + offs_d[:, None] * stride_kd
+        v_base = V + b64 * stride_vb + kv_h64 * stride_vh + offs_d[None, :] * stride_vd
 
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -161,7 +162,7 @@ if triton is not None:
         w = tl.math.exp2(m - m_safe)  # empty chunks: exp2(-inf) = 0
         total = tl.sum(w * l_part, 0)
         out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0.0, total, 1.0)
-        tl.store(OUT + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(OUT.dtype.element_ty),
+        tl.store(OUT + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d * stride_od, out.to(OUT.dtype.element_ty),
                  mask=offs_d < HEAD_DIM)
 
 

@@ -93,13 +93,13 @@ if triton is not None:
         """One program: BLOCK_R query tokens (of any queries, flattened) against one document; writes
         each token's max similarity over the document's valid tokens."""
         pid_r = tl.program_id(0)
-        n = tl.program_id(1)
+        n = tl.program_id(1).to(tl.int64)  # no int32 overflow on large collections
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_d = tl.arange(0, BLOCK_D)
         offs_l = tl.arange(0, BLOCK_L)
         r_valid = offs_r < rows
         d_valid = offs_d < DIM
-        query, token = offs_r // q_tokens, offs_r % q_tokens
+        query, token = (offs_r // q_tokens).to(tl.int64), offs_r % q_tokens
         q_ptrs = QUERIES + query[:, None] * stride_qq + token[:, None] * stride_qi + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=r_valid[:, None] & d_valid[None, :], other=0.0)
         doc_len = tl.load(DOC_LENS + n)
@@ -117,7 +117,7 @@ if triton is not None:
             s = tl.where(j_valid[None, :], s, float("-inf"))
             best = tl.maximum(best, tl.max(s, 1))
         best = tl.where(best == float("-inf"), 0.0, best)  # an empty document contributes 0
-        tl.store(TOKEN_MAX + offs_r * stride_tr + n * stride_tn, best, mask=r_valid)
+        tl.store(TOKEN_MAX + offs_r.to(tl.int64) * stride_tr + n * stride_tn, best, mask=r_valid)
 
 
 def _interpreted() -> bool:
