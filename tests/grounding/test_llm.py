@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from grounding.llm import GeminiREST, LangChainLLM, LLMError
+from grounding.llm import GeminiREST, LangChainLLM, LLMError, NativeGemma
 from grounding.types import LLM, AuthError
 
 SENTINEL_KEY = "SENTINEL-KEY-7f3a9c-do-not-leak"
@@ -150,3 +150,67 @@ def test_langchain_chat_model():
     assert llm.generate("question") == "Kenya had 54.11 years [Table 1]."
     pieces = list(llm.stream("question"))
     assert "".join(pieces) == "streamed answer" and len(pieces) > 1
+
+
+# -- native Gemma ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """A tiny random Gemma 3 (no preset) and a small byte-fallback BPE Gemma tokenizer saved as tokenizer.json."""
+    import torch
+
+    from models.config import GemmaConfig
+    from models.gemma import GemmaLM
+    from models.loading import init_random_weights
+    from models.tokenizer import CONTROL, NORMAL, UNKNOWN, load_tokenizer, tokenizer_from_vocabulary
+
+    # No byte pieces: a random model then writes readable characters instead of byte-fallback debris.
+    specials = [("<pad>", CONTROL), ("<eos>", CONTROL), ("<bos>", CONTROL), ("<unk>", UNKNOWN),
+                ("<start_of_turn>", CONTROL), ("<end_of_turn>", CONTROL)]
+    normal = list("\u2581abcdefghijklmnopqrstuvwxyz0123456789.,?\"[]()-_>\n") + ["\u2581t", "he", "\u2581the", "__", "DC"]
+    pieces = [p for p, _ in specials] + normal
+    types = [t for _, t in specials] + [NORMAL] * len(normal)
+    directory = tmp_path_factory.mktemp("tiny_tokenizer")
+    tokenizer_from_vocabulary(pieces, types, bos_id=2).save(str(directory / "tokenizer.json"))
+    tokenizer = load_tokenizer(directory)
+    config = GemmaConfig(architecture="gemma3", vocab_size=len(pieces), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                         max_position_embeddings=256, query_pre_attn_scalar=32, sliding_window=8)
+    model = init_random_weights(GemmaLM(config), seed=2, std=0.02).eval()
+    torch.manual_seed(0)
+    return model, tokenizer
+
+
+def greedy_reference(model, tokenizer, text, max_new_tokens):
+    """Greedy decoding by the definition: full forward of the whole sequence, argmax, no cache."""
+    import torch
+
+    ids = tokenizer.encode(text, add_bos=not text.startswith("<bos>"))
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+            if token in tokenizer.stop_token_ids:
+                break
+            out.append(token)
+    return tokenizer.decode(out)
+
+
+def test_native_gemma_generate_stream_and_chat_template(tiny_gemma):
+    model, tokenizer = tiny_gemma
+    prompt = "what is the life expectancy in kenya?"
+    raw = NativeGemma(model, tokenizer, chat=False)
+    chat = NativeGemma(model, tokenizer, chat=True)
+    assert isinstance(raw, LLM)
+    expected_raw = greedy_reference(model, tokenizer, prompt, 12)
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    expected_chat = greedy_reference(model, tokenizer, templated, 12)
+    assert len(set(expected_raw)) > 2 and expected_raw != expected_chat  # varied text; the template matters
+    assert raw.generate(prompt, max_new_tokens=12) == expected_raw
+    assert chat.generate(prompt, max_new_tokens=12) == expected_chat
+    assert "".join(chat.stream(prompt, max_new_tokens=12)) == expected_chat
+    # Interleaved RIG continues the model's own turn: the template wraps only the question.
+    begun = 'the [__DC__("life expectancy in kenya") --> "54"] and'
+    assert chat.continue_from(prompt, begun, max_new_tokens=6) == greedy_reference(model, tokenizer, templated + begun, 6)
+    # A stop string cuts the text before it.
+    stop = expected_raw[3:5]
+    assert raw.generate(prompt, max_new_tokens=12, stop=[stop]) == expected_raw[:expected_raw.find(stop)]
