@@ -72,8 +72,8 @@ class StatsServer:
         self.store = self.source.store
         self._gazetteer: dict[str, list[Place]] = {}
         for place in self.store.places():
-            for alias in [place.name, place.dcid, *place.aliases]:
-                self._gazetteer.setdefault(normalize(alias), []).append(place)
+            for alias in {normalize(a) for a in [place.name, place.dcid, *place.aliases]}:
+                self._gazetteer.setdefault(alias, []).append(place)
 
     # ---- /nodejs/query --------------------------------------------------------------------------------
 
