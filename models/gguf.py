@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, GemmaConfig
+from .config import FULL, SLIDING, ConfigError, GemmaConfig
 from .loading import CheckpointError, assign_weights
 
 __all__ = ["GGUFError", "GGUFTensorInfo", "read_gguf", "read_gguf_metadata", "load_gguf_model",
@@ -197,6 +197,37 @@ def _dequantize(path: Path, data: np.memmap, info: GGUFTensorInfo) -> torch.Tens
     return torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).reshape(info.shape)
 
 
+# Gemma 2 27B and Gemma 3 27B scale attention by (hidden / heads) ** -0.5 (144, 168), not head_dim ** -0.5.
+# Their GGUF files carry no query_pre_attn_scalar key: llama.cpp recognises them by block count.
+_SCALE_BY_HIDDEN_OVER_HEADS = {("gemma2", 46), ("gemma3", 62)}
+
+
+def _config_from_metadata(path: Path, metadata: dict[str, Any]) -> GemmaConfig:
+    """GemmaConfig.from_gguf_metadata plus the optional keys newer llama.cpp files carry."""
+    try:
+        config = GemmaConfig.from_gguf_metadata(metadata)
+        arch, n_layers = config.architecture, config.num_hidden_layers
+        changes: dict[str, Any] = {}
+        # Per-layer booleans (True = sliding window) or an int n: layer i slides iff i % n < n - 1.
+        pattern = metadata.get(f"{arch}.attention.sliding_window_pattern")
+        if isinstance(pattern, list):
+            if len(pattern) != n_layers:
+                raise ValueError(f"sliding_window_pattern has {len(pattern)} entries for {n_layers} blocks")
+            changes["layer_types"] = [SLIDING if p else FULL for p in pattern]
+        elif isinstance(pattern, int) and arch != "gemma":
+            changes["layer_types"] = [SLIDING if pattern == 0 or i % pattern < pattern - 1 else FULL
+                                      for i in range(n_layers)]
+        local_base = metadata.get(f"{arch}.rope.freq_base_swa")
+        if local_base is not None:
+            changes["rope_local_base_freq"] = float(local_base)
+        if (f"{arch}.attention.query_pre_attn_scalar" not in metadata
+                and (arch, n_layers) in _SCALE_BY_HIDDEN_OVER_HEADS):
+            changes["query_pre_attn_scalar"] = config.hidden_size // config.num_attention_heads
+        return config.replace(**changes) if changes else config
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise GGUFError(f"{path}: metadata does not describe a Gemma decoder ({type(e).__name__}: {e})") from None
+
+
 def read_gguf(path: str | os.PathLike) -> tuple[GemmaConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """``(config, state, metadata)`` of a Gemma GGUF file.
 
@@ -207,10 +238,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[GemmaConfig, dict[str, torch.Ten
     path = _check_path(path)
     metadata, tensors = _parse(path)
     arch = _architecture(path, metadata)
-    try:
-        config = GemmaConfig.from_gguf_metadata(metadata)
-    except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise GGUFError(f"{path}: metadata does not describe a Gemma decoder ({type(e).__name__}: {e})") from None
+    config = _config_from_metadata(path, metadata)
     data = np.memmap(path, dtype=np.uint8, mode="r")
     state: dict[str, torch.Tensor] = {}
     for info in tensors:
