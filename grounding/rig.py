@@ -264,10 +264,11 @@ def parse_number(text: str | None) -> float | None:
 
 
 def format_number(value: float) -> str:
-    """Integers without a decimal point; other values with at most 6 significant digits."""
+    """Integers without a decimal point; values from 1000 up with at most 2 decimals; smaller ones with
+    at most 6 significant digits."""
     if value == int(value) and abs(value) < 1e15:
         return str(int(value))
-    if abs(value) >= 1e6:
+    if abs(value) >= 1000:
         return f"{value:.2f}".rstrip("0").rstrip(".")
     return f"{value:.6g}"
 

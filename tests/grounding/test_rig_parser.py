@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grounding.rig import AnnotationParser, parse_annotations, parse_number, substitute
+from grounding.rig import AnnotationParser, format_number, parse_annotations, parse_number, substitute
 from grounding.types import PointResult, SourceRef
 
 # Prose never contains the marker, and never ends in '[' / '$' or starts with ']' (those characters
@@ -116,6 +116,11 @@ def test_parse_number():
     assert parse_number("45%") == 45
     assert parse_number("35.6 million") == 35.6e6
     assert parse_number("unknown") is None
+
+
+def test_format_number():
+    assert [format_number(v) for v in (35610177.0, 54.11, 47306.98978, 1463.249282, 0.000123456789, -3.5)] == [
+        "35610177", "54.11", "47306.99", "1463.25", "0.000123457", "-3.5"]
 
 
 # -- substitution: golden cases ------------------------------------------------------------------
