@@ -414,7 +414,8 @@ def start_server(store: Store | None = None, host: str = "127.0.0.1", port: int 
                  api_key: str | None = None, threshold: float | None = None) -> RunningServer:
     """Serve ``store`` (default: the shipped data) in a daemon thread; ``port=0`` picks a free port."""
     httpd = _make(store, host, port, api_key, threshold)
-    thread = threading.Thread(target=httpd.serve_forever, name=f"stats-server-{httpd.server_address[1]}",
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              name=f"stats-server-{httpd.server_address[1]}",
                               daemon=True)
     thread.start()
     return RunningServer(httpd, thread)
