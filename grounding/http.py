@@ -64,6 +64,31 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
     return text
 
 
+class _RedactingFilter(logging.Filter):
+    """Removes known API keys from records of loggers we do not control.
+
+    urllib3 logs every request line at DEBUG, query string included, and the NL endpoint takes its key
+    as the ``key=`` query parameter.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            cleaned = redact(message, self.secrets)
+            if cleaned != message:
+                record.msg, record.args = cleaned, ()
+        return True
+
+
+_REDACTING_FILTER = _RedactingFilter()
+for _name in ("urllib3.connectionpool", "urllib3.connection", "requests"):
+    logging.getLogger(_name).addFilter(_REDACTING_FILTER)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How hard to try. Defaults suit an interactive tool; tests shrink the delays."""
@@ -142,6 +167,8 @@ class HttpClient:
                  user_agent: str = "gemma-grounding/0.1", seed: int | None = None):
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
+        if api_key:
+            _REDACTING_FILTER.secrets.add(api_key)
         self.key_param = key_param
         self.key_header = key_header
         self.policy = policy or RetryPolicy()
