@@ -102,6 +102,34 @@ class GemmaConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_hf(self) -> dict[str, Any]:
+        """A Hugging Face ``config.json`` dict describing the same model (transformers 5.x keys)."""
+        model_type, arch = {"gemma": ("gemma", "GemmaForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+                            "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}[self.architecture]
+        out: dict[str, Any] = dict(
+            model_type=model_type, architectures=[arch], vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps, hidden_activation=self.hidden_activation,
+            tie_word_embeddings=self.tie_word_embeddings, pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id, bos_token_id=self.bos_token_id)
+        if self.architecture == "gemma":
+            out["rope_theta"] = self.rope_theta
+            return out
+        out.update(query_pre_attn_scalar=self.query_pre_attn_scalar, sliding_window=self.sliding_window,
+                   layer_types=list(self.layer_types), final_logit_softcapping=self.final_logit_softcapping,
+                   attn_logit_softcapping=self.attn_logit_softcapping)
+        if self.architecture == "gemma2":
+            out["rope_theta"] = self.rope_theta
+            return out
+        full = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling_factor != 1.0:
+            full = {"rope_type": "linear", "factor": self.rope_scaling_factor, "rope_theta": self.rope_theta}
+        out["rope_parameters"] = {"full_attention": full,
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_base_freq}}
+        return out
+
     # -- readers -------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, source: str | os.PathLike | dict) -> GemmaConfig:

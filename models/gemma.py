@@ -22,6 +22,8 @@ from kernels.attention import attention
 
 from .config import GemmaConfig
 
+_KV_BUCKET = 256
+
 __all__ = ["GemmaLM", "RMSNorm", "KVCache", "rope_inv_freq", "apply_rope"]
 
 
@@ -265,9 +267,13 @@ class GemmaLM(nn.Module):
                 raise ValueError(f"positions up to {end} exceed the KV cache length {self.cache_len}")
             if batch > self.cache_batch:
                 raise ValueError(f"batch {batch} exceeds the KV cache batch {self.cache_batch}")
-            kv_used = end
-            if kv_lens is None and not isinstance(start, int):
-                kv_lens = start + seq
+            # Attend over a bucketed prefix of the cache: on CPU every new matmul shape pays a
+            # one-off kernel selection, so letting the key length grow by one per decode step would
+            # pay it at every step. Keys past each row's end are masked by kv_lens.
+            kv_used = min(self.cache_len, -(-end // _KV_BUCKET) * _KV_BUCKET)
+            if kv_lens is None:
+                kv_lens = start + seq if not isinstance(start, int) else torch.full(
+                    (batch,), end, dtype=torch.long, device=device)
         else:
             kv_used = seq
         if position_ids is None:
