@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def register(sub) -> None:
+    from .vlm_cli import register as register_vision_language
+
+    _register_generate(sub)
+    register_vision_language(sub)
+
+
+def _register_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a Gemma model (streams to stdout)")
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--model", required=True,
