@@ -65,8 +65,11 @@ RANK_ASCENDING = {"lowest", "least", "smallest", "poorest", "shortest", "worst",
 LATEST_WORDS = {"latest", "recent", "current", "currently", "now", "today", "newest", "nowadays"}
 OVER_TIME_WORDS = {"change", "changed", "changes", "trend", "trends", "history", "historical", "evolution",
                    "evolved", "grow", "grew", "growth", "over"}
+# Words naming the places inside a place. Only plurals for sub-national types: "the state of ..." is not
+# a request for states.
 CHILD_WORDS = {"countries": "Country", "country": "Country", "nations": "Country", "nation": "Country",
-               "states": "State", "state": "State", "cities": "City", "city": "City"}
+               "states": "State", "provinces": "AdministrativeArea1", "regions": "AdministrativeArea1",
+               "districts": "AdministrativeArea2", "counties": "County", "cities": "City"}
 NUMBER_WORDS = {"three": 3, "five": 5, "ten": 10, "two": 2, "four": 4, "six": 6, "seven": 7, "eight": 8,
                 "nine": 9, "twenty": 20, "fifteen": 15, "twelve": 12}
 
@@ -183,6 +186,8 @@ class _Gazetteer:
         for size in range(min(self.max_words, len(words)), 0, -1):
             for start in range(len(words) - size + 1):
                 phrase = tuple(words[start:start + size])
+                if phrase not in self.phrases and size == 1 and (_stem(phrase[0]),) in self.phrases:
+                    phrase = (_stem(phrase[0]),)  # plural demonym: "Brazilians", "Kenyans"
                 if phrase not in self.phrases or any(taken[start:start + size]):
                     continue
                 if phrase in self.case_sensitive and not raw_words[start].isupper():
@@ -252,6 +257,10 @@ class Resolver:
                                                 matched=" ".join(words[start:end])))
             place_positions.update(range(start, end))
         rest = [w for i, w in enumerate(words) if i not in place_positions]
+        # "How many Brazilians": a plural demonym stands for the people of the place.
+        plural_demonyms = [s for s, e, _ in matches if e - s == 1 and (words[s],) not in self._gazetteer.phrases]
+        if plural_demonyms:
+            rest.append("people")
 
         word_set = set(words)
         if word_set & LATEST_WORDS and resolution.date is None and resolution.date_range is None:

@@ -53,6 +53,7 @@ VARIABLES = {
                 "live.", "years",
                 ["life expectancy", "life expectancy at birth", "lifespan", "life span", "longevity",
                  "how long do people live", "how long people live", "how long does a person live",
+                 "how many years do people live", "how many years does a person live", "how old do people get",
                  "how long are people expected to live", "expected years of life", "average lifespan",
                  "average life span", "years people live", "life expectation", "lifeexp"]),
     "gdpPercap": ("Amount_EconomicActivity_GrossDomesticProduction_RealValue_PerCapita",

@@ -49,6 +49,11 @@ POINT_CASES = [
     ("current population of Mexico", "Mexico", "MEX", POP, "2007"),
     ("GDP per capita: Japan, 1957", "Japan", "JPN", GDP, "1957"),
     ("what's the life expectancy in the united states since 1990", "United States", "USA", LIFE, "2007"),
+    ("How many Brazilians were there in 1972?", "Brazil", "BRA", POP, "1972"),  # plural demonym = people
+    ("How many years do people live in Japan?", "Japan", "JPN", LIFE, "2007"),
+    ("Japan life expectancy vs. US", "Japan", "JPN", LIFE, "2007"),
+    ("Peru's economic output per person in 1962", "Peru", "PER", GDP, "1962"),
+    ("Population: Kenya (1962)", "Kenya", "KEN", POP, "1962"),
     # rankings answered by one place (the top, or the bottom for "lowest")
     ("Which country in Africa has the highest life expectancy?", "Reunion", "REU", LIFE, "2007"),
     ("the richest country in Europe", "Norway", "NOR", GDP, "2007"),
@@ -69,6 +74,9 @@ NO_DATA = [
     "GDP per capita growth rate in China",
     "Tell us about France",
     "What is the population of Atlantis?",
+    "Kenya population growth",
+    "What is life expectancy in Kenya districts?",  # no sub-national places in the store
+    "What percentage of Kenyans live in cities?",
     "",
 ]
 
