@@ -4,7 +4,8 @@ Two references: ``attention_reference`` (the general specification) and ``decode
 (written separately, KV heads expanded per query head); they must agree with each other too.
 Tolerances as for the prefill kernel (see test_kernel_attention.py): float32 2e-5 absolute;
 float16 3 * 2**-11 * max|v| (softmax weights rounded to fp16 before P @ V, kernel and reference
-outputs each rounded to fp16). Split partials are kept in fp32, so splitting adds only reordering.
+outputs each rounded to fp16); bfloat16 (CUDA only) 3 * 2**-8 * max|v|. Split partials are kept in
+fp32, so splitting adds only reordering.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from kernels.decode import decode_attention, decode_attention_reference, decode_
 
 
 def tolerance(dtype, v):
-    return 2e-5 if dtype == torch.float32 else 3 * 2.0 ** -11 * float(v.float().abs().max()) + 1e-6
+    if dtype == torch.float32:
+        return 2e-5
+    unit_roundoff = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    return 3 * unit_roundoff * float(v.float().abs().max()) + 1e-6
 
 
 FACTORS = dict(
@@ -72,6 +76,20 @@ def test_decode_kernel_matches_reference(case):
     assert out.dtype == ref.dtype and out.shape == ref.shape == q.shape
     err = (out.float() - ref.float()).abs().max().item()
     assert err <= tolerance(case["dtype"], v), err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="compiled kernels need a CUDA GPU; the interpreted runs above cover the CPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_compiled_decode_kernel_on_cuda(dtype):
+    """The same design compiled on a GPU, bf16 included (the interpreter cannot check bf16)."""
+    for case in CASES:
+        q, k, v, kwargs = build_case({**case, "dtype": dtype})
+        q, k, v = q.cuda(), k.cuda(), v.cuda()
+        kwargs = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
+        out = decode_attention_triton(q, k, v, num_splits=case["splits"], **kwargs)
+        err = (out.float() - attention_reference(q, k, v, **kwargs).float()).abs().max().item()
+        assert err <= tolerance(dtype, v), (case_id(case), err)
 
 
 @pytest.mark.parametrize("case", CASES[:8], ids=case_id)

@@ -36,6 +36,18 @@ def test_kernel_matches_reference(n_queries, q_tokens, n_docs, d_tokens, dim, dt
         close(out, maxsim_reference(queries, docs, **kwargs), queries, docs)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="compiled kernels need a CUDA GPU; the interpreted runs above cover the CPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_compiled_kernel_on_cuda(dtype):
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randn(20, 23, 128, generator=gen).to(dtype).cuda()
+    docs = torch.randn(300, 1030, 128, generator=gen).to(dtype).cuda()
+    doc_lens = torch.randint(1, 1031, (300,), generator=gen).cuda()
+    out = maxsim(queries, docs, doc_lens=doc_lens)  # auto: the kernel on CUDA
+    close(out, maxsim_reference(queries, docs, doc_lens=doc_lens), queries, docs)
+
+
 def test_padding_rules():
     """Zero padding without lengths takes part (dot 0); with lengths it does not; empty docs score 0."""
     queries = -torch.ones(1, 2, 16)  # every real dot product is negative
