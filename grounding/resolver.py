@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 from .store import Observation, Place, Store, Variable, open_default_store
 from .types import PointResult, SourceRef, TableResult
 
-__all__ = ["Resolver", "Resolution", "PlaceMatch", "VariableMatch", "LocalSource", "normalize", "parse_dates",
+__all__ = ["Resolver", "Resolution", "PlaceMatch", "VariableMatch", "LocalSource", "normalize", "stem", "parse_dates",
            "DEFAULT_THRESHOLD"]
 
 DEFAULT_THRESHOLD = 0.75
@@ -85,7 +85,7 @@ def normalize(text: str) -> str:
     return text.strip()
 
 
-def _stem(word: str) -> str:
+def stem(word: str) -> str:
     if len(word) > 4 and word.endswith("ies"):
         return word[:-3] + "y"
     if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
@@ -95,7 +95,7 @@ def _stem(word: str) -> str:
 
 def _word_similarity(a: str, b: str) -> float:
     """1 for equal words (or equal stems), the edit similarity for long near-equal words (typos), else 0."""
-    if a == b or _stem(a) == _stem(b):
+    if a == b or stem(a) == stem(b):
         return 1.0
     if min(len(a), len(b)) < 5 or a[0] != b[0]:
         return 0.0
@@ -186,8 +186,8 @@ class _Gazetteer:
         for size in range(min(self.max_words, len(words)), 0, -1):
             for start in range(len(words) - size + 1):
                 phrase = tuple(words[start:start + size])
-                if phrase not in self.phrases and size == 1 and (_stem(phrase[0]),) in self.phrases:
-                    phrase = (_stem(phrase[0]),)  # plural demonym: "Brazilians", "Kenyans"
+                if phrase not in self.phrases and size == 1 and (stem(phrase[0]),) in self.phrases:
+                    phrase = (stem(phrase[0]),)  # plural demonym: "Brazilians", "Kenyans"
                 if phrase not in self.phrases or any(taken[start:start + size]):
                     continue
                 if phrase in self.case_sensitive and not raw_words[start].isupper():
@@ -212,7 +212,7 @@ class Resolver:
             v.dcid: [(tuple(normalize(p).split()), p) for p in dict.fromkeys([v.name, *v.aliases]) if normalize(p)]
             for v in self._variables
         }
-        self._descriptions = {v.dcid: {_stem(w) for w in normalize(f"{v.name} {v.description}").split()}
+        self._descriptions = {v.dcid: {stem(w) for w in normalize(f"{v.name} {v.description}").split()}
                               for v in self._variables}
 
     # ---- steps -----------------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ class Resolver:
                 matched_words = sum(1 for s in sims if s > 0)
                 best = max(best, (score, matched_words, text))
             if len(content) >= 2:  # one shared word ("gdp", "us") is not evidence enough
-                in_description = sum(1 for w in content if _stem(w) in self._descriptions[variable.dcid])
+                in_description = sum(1 for w in content if stem(w) in self._descriptions[variable.dcid])
                 description_score = 0.8 * in_description / len(content) if in_description >= 2 else 0.0
                 best = max(best, (description_score, in_description, f"description of {variable.name}"))
             scored.append((best[0], best[1], variable, best[2]))
@@ -293,8 +293,8 @@ class Resolver:
 
         if resolution.variable is not None:
             known = self._descriptions[resolution.variable.dcid] | {
-                _stem(w) for phrase, _ in self._phrases[resolution.variable.dcid] for w in phrase}
-            unmet = [w for w in rest if w in QUALIFIERS and _stem(w) not in known]
+                stem(w) for phrase, _ in self._phrases[resolution.variable.dcid] for w in phrase}
+            unmet = [w for w in rest if w in QUALIFIERS and stem(w) not in known]
             if unmet:
                 resolution.problem = (f"the question asks about {' '.join(unmet)!r}, which "
                                       f"{resolution.variable.name} does not cover")

@@ -30,7 +30,7 @@ from datacommons_client.utils.error_handling import DataCommonsError
 from pydantic import BaseModel, ValidationError
 
 from .http import DEFAULT_REST_URL, HttpClient, ResponseCache, RetryPolicy, api_key_from_env
-from .resolver import CHILD_WORDS, STOPWORDS, normalize, parse_dates
+from .resolver import CHILD_WORDS, RANK_ASCENDING, STOPWORDS, normalize, parse_dates
 from .types import DataSourceError, PointResult, SchemaDriftError, SourceRef, TableResult
 
 __all__ = ["RestClient", "ResilientAPI", "IndicatorCandidate", "REQUIRED_FIELDS"]
@@ -40,6 +40,7 @@ T = TypeVar("T")
 # The field every answer of each endpoint has; without it the API has changed.
 REQUIRED_FIELDS = {"observation": "byVariable", "resolve": "entities", "node": "data"}
 MAX_PAGES = 50
+MAX_PLACE_WORDS = 6  # "the Democratic Republic of the Congo"
 
 
 def _merge_pages(base: Any, new: Any) -> Any:
@@ -189,7 +190,7 @@ class RestClient:
         for start, end in spans:
             masked = masked[:start] + " " * (end - start) + masked[end:]
         tokens = [t for t in re.split(r"[\s,;:!?()\"]+", masked) if normalize(t)]
-        grams: list[tuple[int, int]] = [(i, j) for n in range(min(4, len(tokens)), 0, -1)
+        grams: list[tuple[int, int]] = [(i, j) for n in range(min(MAX_PLACE_WORDS, len(tokens)), 0, -1)
                                         for i in range(len(tokens) - n + 1) for j in [i + n]]
         grams = [(i, j) for i, j in grams
                  if not all(normalize(t) in STOPWORDS and not t.isupper() for t in tokens[i:j])]
@@ -274,7 +275,8 @@ class RestClient:
         names = self.names(list(dict.fromkeys([variable, place, *(e for e, _ in rows)])))
         variable_name = names.get(variable, variable)
         if child_type:
-            rows.sort(key=lambda r: -r[1].value)
+            ascending = bool(set(normalize(query).split()) & RANK_ASCENDING)  # "lowest", "poorest", ...
+            rows.sort(key=lambda r: r[1].value if ascending else -r[1].value)
             return TableResult(
                 query=query, title=f"{variable_name} of places in {names.get(place, place)}", unit=unit,
                 source=source, columns=["rank", "place", "date", variable_name],

@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .resolver import CASE_SENSITIVE_ALIASES, LocalSource, Resolution, normalize
+from .resolver import CASE_SENSITIVE_ALIASES, LocalSource, Resolution, normalize, stem
 from .store import Observation, Place, Store, open_default_store
 from .types import PointResult, TableResult
 
@@ -219,7 +219,8 @@ class StatsServer:
             key = normalize(text)
             if key in CASE_SENSITIVE_ALIASES and not text.strip(". ").isupper():
                 key = ""  # "us" the pronoun is not "US"
-            places = [p for p in self._gazetteer.get(key, []) if wanted_type in (None, p.type)]
+            found = self._gazetteer.get(key) or self._gazetteer.get(stem(key), [])  # "Brazilians"
+            places = [p for p in found if wanted_type in (None, p.type)]
             places.sort(key=lambda p: p.type != "Country")
             entities.append({"node": text, "candidates": [{"dcid": p.dcid, "dominantType": p.type} for p in places]})
         return {"entities": entities}
