@@ -189,13 +189,15 @@ class HttpClient:
     def _redact(self, text: str) -> str:
         return redact(text, [self._api_key])
 
-    def get_json(self, path: str, params: dict[str, Any] | Sequence[tuple[str, Any]] | None = None) -> Any:
-        return self._request("GET", path, params=params)
+    def get_json(self, path: str, params: dict[str, Any] | Sequence[tuple[str, Any]] | None = None, *,
+                 check: Callable[[Any], Any] | None = None) -> Any:
+        """GET ``path`` and decode JSON. ``check(data)`` may raise (schema drift) before it is cached."""
+        return self._request("GET", path, params=params, check=check)
 
-    def post_json(self, path: str, body: dict[str, Any]) -> Any:
-        return self._request("POST", path, body=body)
+    def post_json(self, path: str, body: dict[str, Any], *, check: Callable[[Any], Any] | None = None) -> Any:
+        return self._request("POST", path, body=body, check=check)
 
-    def _request(self, method: str, path: str, *, params=None, body=None) -> Any:
+    def _request(self, method: str, path: str, *, params=None, body=None, check=None) -> Any:
         url = f"{self.base_url}/{path.lstrip('/')}" if path else self.base_url
         param_list = list(params.items() if isinstance(params, dict) else params or [])
         # What the request is, without the key: names it in errors and keys the cache.
@@ -230,6 +232,8 @@ class HttpClient:
                 with self._rng_lock:
                     wait = self.policy.backoff(attempt, self._rng)
             else:
+                if check is not None:
+                    check(data)  # a drifted answer is an error, and is not cached
                 if self.cache is not None:
                     self.cache.put(cache_key, data)
                 return data

@@ -148,8 +148,10 @@ class NLClient:
         if mode not in ("point", "table"):
             raise ValueError(f"mode must be 'point' or 'table', got {mode!r}")
         params = [("q", query), *(RIG_PARAMS if mode == "point" else RAG_PARAMS).items()]
-        data = self.http.get_json("/nodejs/query", params)  # requests URL-encodes every parameter
-        response = validate(NLResponse, data, f"NL query {query!r}")
+        what = f"NL query {query!r}"
+        # requests URL-encodes every parameter; validation runs before the answer is cached
+        data = self.http.get_json("/nodejs/query", params, check=lambda d: validate(NLResponse, d, what))
+        response = validate(NLResponse, data, what)
         if response.err and not response.charts:
             log.debug("no data for %r: %s", query, response.err)
         return response

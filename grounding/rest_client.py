@@ -68,18 +68,20 @@ class ResilientAPI(API):
     def __repr__(self) -> str:
         return f"<ResilientAPI at {self.base_url}{' (Authenticated)' if self.http.has_key else ''}>"
 
+    def _check(self, endpoint: str | None, page: Any) -> None:
+        required = REQUIRED_FIELDS.get(endpoint or "")
+        if not isinstance(page, dict) or (required and required not in page):
+            present = sorted(page) if isinstance(page, dict) else type(page).__name__
+            raise SchemaDriftError(f"POST {self.base_url}/{endpoint}: the response has no {required!r} field "
+                                   f"(got {present}); the API may have changed")
+
     def post(self, payload: dict[str, Any], endpoint: str | None = None, *, all_pages: bool = True,
              next_token: str | None = None) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         token = next_token
         for _ in range(MAX_PAGES):
             body = dict(payload, nextToken=token) if token else payload
-            page = self.http.post_json(endpoint or "", body)
-            required = REQUIRED_FIELDS.get(endpoint or "")
-            if not isinstance(page, dict) or (required and required not in page):
-                present = sorted(page) if isinstance(page, dict) else type(page).__name__
-                raise SchemaDriftError(f"POST {self.base_url}/{endpoint}: the response has no {required!r} field "
-                                       f"(got {present}); the API may have changed")
+            page = self.http.post_json(endpoint or "", body, check=lambda p: self._check(endpoint, p))
             merged = _merge_pages(merged, page)
             token = page.get("nextToken")
             if not all_pages or not token:

@@ -199,7 +199,11 @@ def test_failures_are_not_cached(fault_server, tmp_path):
     fault_server.plan(NL_PATH, [Fault(status=500)] * 3)
     with pytest.raises(TransientError):
         client.point("population of Kenya")
+    fault_server.plan(NL_PATH, [Fault(body=json.dumps({"chart": []}))])  # drifted: an error, not cached
+    with pytest.raises(SchemaDriftError):
+        client.point("population of Kenya")
     assert client.point("population of Kenya").value == 35610177
+    assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
 def test_bounded_concurrency_over_http_in_input_order(fault_server):
