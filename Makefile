@@ -29,7 +29,16 @@ install-test: $(STAMP_TEST)
 demo: $(STAMP_RUN)
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP_TEST)
+# The browser tests drive Debian's chromium with Playwright (never a downloaded browser build).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+test: $(STAMP_TEST) $(CHROMIUM)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP_TEST)
