@@ -62,7 +62,6 @@ RANK_DESCENDING = {"highest", "most", "largest", "biggest", "top", "richest", "w
                    "greatest", "max", "maximum", "rank", "ranking", "ranked", "leading"}
 RANK_ASCENDING = {"lowest", "least", "smallest", "poorest", "shortest", "worst", "fewest", "min", "minimum",
                   "bottom"}
-LATEST_WORDS = {"latest", "recent", "current", "currently", "now", "today", "newest", "nowadays"}
 OVER_TIME_WORDS = {"change", "changed", "changes", "trend", "trends", "history", "historical", "evolution",
                    "evolved", "grow", "grew", "growth", "over"}
 # Words naming the places inside a place. Only plurals for sub-national types: "the state of ..." is not
@@ -262,9 +261,9 @@ class Resolver:
         if plural_demonyms:
             rest.append("people")
 
-        word_set = set(words)
-        if word_set & LATEST_WORDS and resolution.date is None and resolution.date_range is None:
-            resolution.date = None  # explicit "latest" is the default
+        # "latest"/"current" need nothing: no date means the most recent observation. "most recent" is
+        # not a ranking.
+        word_set = set(re.sub(r"\bmost (recent|current|up to date)\b", "", " ".join(words)).split())
         if word_set & RANK_ASCENDING:
             resolution.ranking = "asc"
         elif word_set & RANK_DESCENDING or re.search(r"\bby\b", " ".join(rest)):

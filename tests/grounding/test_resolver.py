@@ -68,6 +68,7 @@ NO_DATA = [
     "What is the population of New Mexico?",  # not Mexico
     "Life expectancy in Northern Ireland",  # not Ireland
     "population of Africa",  # no continent totals
+    "most recent population of Africa",  # "most recent" is not "most populous"
     "What is the capital of France?",
     "unemployment rate in Kenya",
     "life expectancy of women in Kenya",  # no sex breakdown
