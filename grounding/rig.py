@@ -34,6 +34,7 @@ __all__ = [
 
 DIFFERENCE_THRESHOLD = 0.05  # the paper flags a model value more than 5% away from the Data Commons value
 ARROW = '--> "'  # what the model writes right before its own value; the interleaved mode stops here
+ARROW_STOPS = [ARROW, '-->"', '--> \\"']  # spellings models use; any of them pauses generation
 _MARKER = "__DC__"
 
 
@@ -453,7 +454,7 @@ class RIG:
         errors: dict[str, str] = {}
         inserted_at: list[int] = []  # offsets where a source value was written for the model
         for _ in range(self.max_lookups + 1):
-            piece = self._continue(prompt, text, [ARROW])
+            piece = self._continue(prompt, text, ARROW_STOPS)
             text += piece
             tail = _OPEN_AT_ARROW.search(text[-2000:])
             open_query = AnnotationParser()
@@ -477,6 +478,13 @@ class RIG:
                 text += _value_with_unit(result.value, result.unit) + '"]'
             # No data: the model goes on and writes its own value.
         annotations = parse_annotations(text)
+        # Annotations written without a pause (a backend that ignores stop strings, an odd arrow) are
+        # grounded post hoc, so every claim is checked either way.
+        unseen = list(dict.fromkeys(a.query for a in annotations if a.query not in cache))
+        for lookup in _lookup_points(self.source, unseen, self.max_workers) if unseen else []:
+            cache[lookup.query] = lookup.result if isinstance(lookup.result, PointResult) else None
+            if lookup.error is not None:
+                errors[lookup.query] = lookup.error
         inserted = [i for i, a in enumerate(annotations) if a.start in set(inserted_at)]
         result = substitute(text, annotations, cache, errors, inserted)
         result.question, result.interleaved = question, True

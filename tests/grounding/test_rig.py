@@ -155,3 +155,16 @@ def test_interleaved_mode_writes_true_values_for_the_model_to_continue_from():
         (True, None, 54.11), (True, None, 35610177), (False, "3 million", None), (True, None, 54.11)]
     assert result.text.startswith("In 2007 Kenya's life expectancy was [__DC__#1(54.11 years [1] || ---)]")
     assert result.interleaved and source.calls["life expectancy in Kenya in 2007"] == 1
+
+
+def test_interleaved_mode_still_grounds_annotations_written_without_a_pause():
+    class IgnoresStops(ScriptedLLM):  # a backend without stop-string support
+        def generate(self, prompt, *, max_new_tokens=512, temperature=0.0, stop=None):
+            return super().generate(prompt, max_new_tokens=max_new_tokens)
+
+    llm = IgnoresStops(QUESTION, SCRIPT)
+    result = RIG(FixedSource(), llm).run(QUESTION, interleaved=True)
+    assert len(llm.prompts) == 1
+    assert [(c.inserted, c.model_value, c.dc_value) for c in result.claims] == [
+        (False, "57 years", 54.11), (False, "35 million", 35610177), (False, "3 million", None),
+        (False, "57 years", 54.11)]
