@@ -189,8 +189,8 @@ class _Gazetteer:
                     phrase = (stem(phrase[0]),)  # plural demonym: "Brazilians", "Kenyans"
                 if phrase not in self.phrases or any(taken[start:start + size]):
                     continue
-                if phrase in self.case_sensitive and not raw_words[start].isupper():
-                    continue
+                if phrase in self.case_sensitive and (not raw_words[start].isupper() or "$" in raw_words[start]):
+                    continue  # "us" the pronoun, "US$" the currency
                 # An ambiguous alias is resolved by preferring a Country, then the first listed.
                 candidates = sorted(self.phrases[phrase], key=lambda p: p.type != "Country")
                 found.append((start, start + size, candidates[0]))

@@ -122,6 +122,7 @@ def test_pronoun_us_is_not_the_united_states(source):
     assert source.resolve("Give us the life expectancy in Kenya").places[0].dcid == "country/KEN"
     assert source.resolve("show us life expectancy").places == []
     assert source.resolve("life expectancy in the US").places[0].dcid == "country/USA"
+    assert [p.dcid for p in source.resolve("GDP per capita (US$) in Kenya").places] == ["country/KEN"]
 
 
 def test_child_table_is_the_ranking_of_the_data(source, gapminder_truth):
