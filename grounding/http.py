@@ -100,6 +100,10 @@ class RetryPolicy:
     backoff_max: float = 8.0
     max_retry_after: float = 60.0  # longest Retry-After we sleep through; longer -> RateLimitedError
 
+    def __post_init__(self):
+        if self.attempts < 1 or self.connect_timeout <= 0 or self.read_timeout <= 0:
+            raise ValueError(f"RetryPolicy needs attempts >= 1 and positive timeouts, got {self}")
+
     def backoff(self, retry: int, rng: random.Random) -> float:
         """Full-jitter exponential backoff before retry number ``retry`` (0-based)."""
         return rng.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** retry))
@@ -251,7 +255,7 @@ class HttpClient:
             response = self._session.request(
                 method, url, params=params, json=body, headers=headers,
                 timeout=(self.policy.connect_timeout, self.policy.read_timeout))
-            text = response.text  # reads the whole body: a cut connection fails here
+            content = response.content  # reads the whole body: a cut connection fails here
         except requests.Timeout:
             raise TransientError(f"{described}: timed out (connect {self.policy.connect_timeout}s, read "
                                  f"{self.policy.read_timeout}s)") from None
@@ -259,6 +263,7 @@ class HttpClient:
             # The exception text can contain the full URL with the key: redact, and drop the chain.
             raise TransientError(self._redact(f"{described}: connection failed: {type(exc).__name__}: {exc}")) \
                 from None
+        text = content.decode("utf-8", errors="replace")  # for messages; JSON is parsed from the bytes
         status = response.status_code
         if status == 429:
             retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
@@ -273,14 +278,15 @@ class HttpClient:
         if status >= 400:
             raise DataSourceError(f"{described}: HTTP {status}: {self._redact(text[:300])}")
         try:
-            return json.loads(text)
+            return json.loads(content)
         except ValueError as exc:
             declared = response.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) != len(response.content):
-                raise TransientError(f"{described}: body cut short ({len(response.content)} of {declared} "
-                                     f"bytes)") from None
-            raise SchemaDriftError(f"{described}: the response is not valid JSON ({exc.msg} at character "
-                                   f"{exc.pos} of {len(text)}): {self._redact(text[:120])!r}") from None
+            if declared is not None and declared.isdigit() and int(declared) != len(content):
+                raise TransientError(f"{described}: body cut short ({len(content)} of {declared} bytes)") from None
+            detail = f"{exc.msg} at character {exc.pos} of {len(text)}" if isinstance(exc, json.JSONDecodeError) \
+                else str(exc)
+            raise SchemaDriftError(f"{described}: the response is not valid JSON ({detail}): "
+                                   f"{self._redact(text[:120])!r}") from None
 
 
 def validate(model: type[M], data: Any, what: str) -> M:
