@@ -19,7 +19,8 @@ _EXPORTS = {
     "parse_annotations": "rig", "ground_text": "rig", "substitute": "rig",
     "RAG": "rag", "RAGResult": "rag", "NumberedTable": "rag", "parse_questions": "rag", "render_table": "rag",
     "NativeGemma": "llm", "GeminiREST": "llm", "LangChainLLM": "llm", "LLMError": "llm", "load_llm": "llm",
-    "open_source": "sources", "lookup_many": "sources",
+    "open_source": "sources", "lookup_many": "sources", "LocalSource": "sources", "NLClient": "sources",
+    "RestClient": "sources", "Store": "store", "serve": "server", "start_server": "server",
     **{name: "types" for name in _types_all},
 }
 

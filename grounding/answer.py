@@ -73,6 +73,21 @@ def state_plainly(point: PointResult, citation: str = "") -> str:
     return text + (f" {citation}" if citation else "") + "."
 
 
+def _describe_table(t: NumberedTable) -> str:
+    """``Table 1 gives <title> (52 rows), according to <source>; first: Réunion, 76.442 years [Table 1].``"""
+    table = t.table
+    text = f"Table {t.number} gives {table.title} ({len(table.rows)} rows)"
+    if table.source is not None:
+        text += f", according to {table.source.name}"
+    columns = [str(c).lower() for c in table.columns]
+    if "rank" in columns and "place" in columns and table.rows:  # a ranking: its first row is the answer
+        first = table.rows[0]
+        value = first[-1]
+        shown = _value_with_unit(value, table.unit) if isinstance(value, (int, float)) else str(value)
+        text += f"; first: {first[columns.index('place')]}, {shown}"
+    return text + f" [Table {t.number}]."
+
+
 def _resolve_source(source: str | StatSource | None) -> StatSource:
     if source is None or isinstance(source, str):
         from .sources import open_source
@@ -115,9 +130,7 @@ def _answer_without_model(question: str, mode: Literal["rag", "rig"], source: St
         else:
             sentences.append(state_plainly(point.result, "[Table 1]" if answer.tables else ""))
     for t in answer.tables:
-        according = f", according to {t.table.source.name}" if t.table.source else ""
-        sentences.append(f"Table {t.number} gives {t.table.title} ({len(t.table.rows)} rows){according} "
-                         f"[Table {t.number}].")
+        sentences.append(_describe_table(t))
     if not sentences:
         answer.no_answer = True
         sentences.append(f"No statistics found for this question in the {source.name!r} statistics source.")
@@ -126,13 +139,14 @@ def _answer_without_model(question: str, mode: Literal["rag", "rig"], source: St
 
 
 def ask(question: str, mode: Literal["rag", "rig"] = "rag", source: str | StatSource | None = "local",
-        llm: LLM | None = None, *, interleaved: bool = False, max_new_tokens: int = 512,
-        max_workers: int = 8) -> Answer:
+        llm: LLM | None = None, *, answer_llm: LLM | None = None, interleaved: bool = False,
+        max_new_tokens: int = 512, max_workers: int = 8) -> Answer:
     """Answer a statistical question from ``source`` (a :class:`StatSource`, or ``"local"``/``"nl"``/``"rest"``).
 
     ``llm=None`` states the retrieved statistics plainly. With a model, RAG answers from numbered
-    tables with ``[Table N]`` citations (checked), RIG grounds each statistic the model writes
-    (``interleaved=True`` feeds the true values to the model as it writes).
+    tables with ``[Table N]`` citations (checked; ``answer_llm``, default ``llm``, writes the answer as
+    Gemini does in the paper while ``llm`` writes the statistical questions), RIG grounds each
+    statistic the model writes (``interleaved=True`` feeds the true values to the model as it writes).
     """
     if mode not in ("rag", "rig"):
         raise ValueError(f"mode must be 'rag' or 'rig', got {mode!r}")
@@ -150,7 +164,7 @@ def ask(question: str, mode: Literal["rag", "rig"] = "rag", source: str | StatSo
         return Answer(question=question, mode=mode, text=result.text, source=stat_source.name, model=model_name,
                       claims=result.claims, footnotes=result.footnotes, errors=errors,
                       no_answer=not any(c.dc_value is not None for c in result.claims))
-    result = RAG(stat_source, llm, max_new_tokens=max_new_tokens, max_workers=max_workers).run(question)
+    result = RAG(stat_source, llm, answer_llm, max_new_tokens=max_new_tokens, max_workers=max_workers).run(question)
     return Answer(question=question, mode=mode, text=result.answer, source=stat_source.name, model=model_name,
                   tables=result.tables, questions=result.questions, citations=result.citations,
                   invalid_citations=result.invalid_citations, no_answer=result.no_answer,

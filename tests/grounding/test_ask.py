@@ -63,6 +63,8 @@ def test_child_places_table_and_no_data():
     values = sorted(row[-1] for row in africa.tables[0].table.rows)
     assert len(values) == 52 and values[0] == gapminder("Swaziland", 2007, "lifeExp")
     assert "Réunion was" not in africa.text  # one ranked value is not the answer to a table question
+    richest = ask("Which country in Asia had the highest GDP per capita in 2007?")
+    assert f"first: Kuwait, {gapminder('Kuwait', 2007, 'gdpPercap'):.2f} USD" in richest.text
     russia = ask("What was the population of Russia in 2007?", mode="rig")
     assert russia.no_answer and russia.statistics == [] and "No statistics" in russia.text
     with pytest.raises(ValueError, match="mode"):
