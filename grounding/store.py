@@ -174,6 +174,9 @@ class Store:
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.executescript(SCHEMA)
         self._db.commit()
+        # metadata is small and read on every question: cached, dropped by each import
+        self._variables_cache: list[Variable] | None = None
+        self._places_cache: list[Place] | None = None
 
     def __repr__(self) -> str:
         return f"Store({self.path!r}, observations={self.count_observations()})"
@@ -303,11 +306,11 @@ class Store:
     # ---- metadata -------------------------------------------------------------------------------------
 
     def _cache_clear(self) -> None:
-        self.__dict__.pop("_variables_cache", None)
-        self.__dict__.pop("_places_cache", None)
+        self._variables_cache = None
+        self._places_cache = None
 
     def variables(self) -> list[Variable]:
-        if "_variables_cache" not in self.__dict__:
+        if self._variables_cache is None:
             with self._lock:
                 rows = self._db.execute("SELECT dcid, name, description, unit, aliases FROM variables "
                                         "ORDER BY dcid").fetchall()
@@ -316,7 +319,7 @@ class Store:
         return self._variables_cache
 
     def places(self) -> list[Place]:
-        if "_places_cache" not in self.__dict__:
+        if self._places_cache is None:
             with self._lock:
                 rows = self._db.execute("SELECT dcid, name, type, parents, aliases FROM places "
                                         "ORDER BY dcid").fetchall()
