@@ -2,6 +2,7 @@
 
     .venv/bin/python examples/ask_statistics.py
     .venv/bin/python examples/ask_statistics.py --model path/to/gemma-3-1b-it      # or a .gguf, or gemini:<id>
+    .venv/bin/python examples/ask_statistics.py --model gemma-3-270m --tokenizer model.gguf   # random preset
 
 1. RAG and RIG over the embedded store (no model: the retrieved statistics are stated plainly).
 2. The same questions through a Data Commons NL client pointed at our own statistics server on
@@ -43,14 +44,17 @@ def banner(title: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="native Gemma source or gemini:<model id> (optional)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer source when the model has none (presets)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args()
-    llm = load_llm(args.model) if args.model else None
+    llm = load_llm(args.model, tokenizer=args.tokenizer) if args.model else None
+    settings = {"llm": llm, "max_new_tokens": args.max_new_tokens}
 
     local = open_source("local")
     banner("embedded store")
     for question, mode in QUESTIONS:
         print(f"\nQ ({mode}): {question}")
-        answer = ask(question, mode=mode, source=local, llm=llm)
+        answer = ask(question, mode=mode, source=local, **settings)
         print(answer.render() if mode == "rig" else answer.text)
 
     banner("Data Commons NL client -> our statistics server on 127.0.0.1")
@@ -58,7 +62,7 @@ def main() -> int:
         remote = open_source("nl", base_url=server.url)
         for question, mode in QUESTIONS[:2]:
             print(f"\nQ ({mode}) via {server.url}/nodejs/query: {question}")
-            print(ask(question, mode=mode, source=remote, llm=llm).render())
+            print(ask(question, mode=mode, source=remote, **settings).render())
 
     banner("RIG: grounding a model's annotated text")
     print(RIG_MODEL_TEXT, "\n")

@@ -150,3 +150,13 @@ def test_cli_serve_stats_serves_the_embedded_store():
         process.wait(timeout=10)
     missing = run_cli("serve-stats", "--store", str(REPO / "no-such-store.sqlite"))
     assert missing.returncode == 2 and "no such store file" in missing.stderr
+
+
+def test_example_runs_offline_in_seconds():
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "examples/ask_statistics.py"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Life expectancy in Kenya was 54.11 years in 2007, according to Gapminder [1]." in done.stdout
+    assert "[__DC__#1(54.11 years [1]* || 57 years)]" in done.stdout
+    assert time.monotonic() - start < 60
