@@ -4,7 +4,8 @@ Endpoints (GET, and POST with a JSON body for the ``/v2`` ones):
 
 - ``/nodejs/query?q=...&mode=toolformer_rig|toolformer_rag`` -- the NL endpoint DataGemma calls. RIG mode
   answers a LINE chart (the series, ``highlight`` = the point value) or, for "highest ... in Africa",
-  a HIGHLIGHT chart; RAG mode answers one chart whose ``dataCsv`` is the table (LINE: ``date,<variable>``;
+  a HIGHLIGHT chart; RAG mode answers one chart whose ``dataCsv`` (also sent as ``data_csv``, the name
+  DataGemma's reference client reads) is the table (LINE: ``date,<variable>``;
   BAR: ``place,date,<variable>``; RANKING: ``rank,place,date,<variable>``). ``debug.debug.sv_matching``
   carries the variable candidates and their scores. No data -> ``{"charts": [], "err": "..."}``.
 - ``/v2/observation``, ``/v2/resolve`` (``<-description->dcid`` places, ``resolver: indicator``
@@ -120,7 +121,8 @@ class StatsServer:
         csv_text = "\r\n".join([_csv_line(table.columns)] + [_csv_line(row) for row in table.rows])
         chart = {"type": chart_type, "title": table.title, "unit": table.unit, "vars": table.variables,
                  "places": [resolution.places[0].dcid] if resolution.child_type else table.places,
-                 **self._source_fields(table.source), "dataCsv": csv_text}
+                 **self._source_fields(table.source), "dataCsv": csv_text,
+                 "data_csv": csv_text}  # the pre-Dec-2024 name, still read by DataGemma's reference client
         if place_type:
             chart["placeType"] = place_type
         return chart

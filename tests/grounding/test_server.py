@@ -38,6 +38,7 @@ def test_rig_mode_answers_a_line_chart_with_highlight(stats_server, gapminder_tr
 def test_rag_mode_answers_tables(stats_server, gapminder_truth):
     chart = nl(stats_server, "countries in Africa by life expectancy", "toolformer_rag")["charts"][0]
     assert chart["type"] == "RANKING" and chart["placeType"] == "Country" and chart["places"] == ["africa"]
+    assert chart["data_csv"] == chart["dataCsv"]  # both names: DataGemma's reference client reads data_csv
     rows = list(csv.reader(io.StringIO(chart["dataCsv"])))
     assert rows[0] == ["rank", "place", "date", "Life expectancy"] and len(rows) == 53
     best = max((float(r["lifeExp"]), c) for (c, y), r in gapminder_truth.items()
