@@ -28,8 +28,8 @@ IMAGE_SIZE, PATCH = 28, 14  # 2 x 2 = 4 image tokens
 N_IMG = (IMAGE_SIZE // PATCH) ** 2
 BOS, EOS, NEWLINE = 2, 1, 10
 
-VISION = dict(hidden_size=36, intermediate_size=43, num_hidden_layers=2, num_attention_heads=3, image_size=IMAGE_SIZE,
-              patch_size=PATCH, vision_use_head=False)  # head_dim 12: not a power of two, like So400m's 72
+VISION = dict(hidden_size=60, intermediate_size=43, num_hidden_layers=2, num_attention_heads=3, image_size=IMAGE_SIZE,
+              patch_size=PATCH, vision_use_head=False)  # head_dim 20: not a power of two, like So400m's 72
 TEXT = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, eos_token_id=EOS,
             bos_token_id=BOS)
@@ -187,8 +187,27 @@ def test_prefix_lengths_from_token_types():
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_greedy_generation_matches_transformers(arch, references, loaded, pixel_values):
+def test_triton_backend_matches_transformers(arch, references, loaded, pixel_values):
+    """The Triton kernels (interpreted on CPU) with the prefix-LM mask, padding, window and softcap."""
     ref, ours = references[arch], loaded[arch]
+    ids, types, mask = make_batch(arch)
+    ours.attention_backend = "triton"
+    try:
+        with torch.no_grad():
+            expected = ref(input_ids=ids, pixel_values=pixel_values, token_type_ids=types, attention_mask=mask).logits
+            got = ours(ids, pixel_values, token_type_ids=types, attention_mask=mask)
+    finally:
+        ours.attention_backend = None
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], expected[valid], atol=1e-4, rtol=0)
+
+
+# Decoding through the Triton kernels runs interpreted on CPU (slow): once, on the decoder with the
+# most features (window, softcaps).
+@pytest.mark.parametrize("arch,backend", [("paligemma1", "torch"), ("paligemma2", "torch"), ("paligemma2", "triton")])
+def test_greedy_generation_matches_transformers(arch, backend, references, loaded, pixel_values):
+    ref, ours = references[arch], loaded[arch]
+    ours.attention_backend = backend
     ids, types, _ = make_batch(arch, prefix_lens=(5, 3))
     prompts = [ids[0, :N_IMG + 7].tolist(), ids[1, :N_IMG + 5].tolist()]  # prefix only, two lengths
     steps = 6
@@ -202,9 +221,10 @@ def test_greedy_generation_matches_transformers(arch, references, loaded, pixel_
     got = ours.generate(prompts, pixel_values, max_new_tokens=steps, stop_token_ids=[])
     assert got == expected
     # Row by row (no padding) gives the same tokens as the right-padded batch.
-    for row, prompt in enumerate(prompts):
+    for row, prompt in enumerate(prompts if backend == "torch" else []):
         single = ours.generate([prompt], pixel_values[row:row + 1], max_new_tokens=steps, stop_token_ids=[])
         assert single[0] == expected[row]
+    ours.attention_backend = None
 
 
 def test_generation_stops_at_stop_token(loaded, pixel_values):

@@ -52,11 +52,14 @@ def load_ours(directory) -> SiglipVisionModel:
     return model.eval()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("use_head", [False, True], ids=["no-head", "map-head"])
-def test_tower_matches_transformers(use_head, tmp_path):
+def test_tower_matches_transformers(use_head, backend, tmp_path):
+    """``triton``: the Triton kernels (compiled on CUDA, interpreted here) with head_dim 72."""
     ref = hf_vision(use_head)
     ref.save_pretrained(tmp_path)
     ours = load_ours(tmp_path)
+    ours.attention_backend = backend
     assert ours.config.use_head is use_head and ours.config.head_dim == 72
     pixels = torch.randn(3, 3, 42, 42, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
