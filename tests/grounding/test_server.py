@@ -151,3 +151,11 @@ def test_format_number_round_trips():
     for value in [35610177.0, 54.11, 0.1 + 0.2, 1e20, -3.5, 974.5803384]:
         assert float(format_number(value)) == value
     assert format_number(35610177.0) == "35610177"
+
+
+def test_reference_client_style_urls(stats_server, gapminder_truth):
+    # DataGemma's reference client joins the question with '+' and does not otherwise encode it
+    url = (f"{stats_server.url}/nodejs/query?&q=what+was+the+life+expectancy+in+Kenya+in+2002?"
+           "&allCharts=1&mode=toolformer_rig&idx=base_uae_mem&key=anything")
+    chart = requests.get(url, timeout=TIMEOUT).json()["charts"][0]
+    assert chart["highlight"] == {"value": float(gapminder_truth[("Kenya", "2002")]["lifeExp"]), "date": "2002"}
