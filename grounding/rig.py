@@ -36,6 +36,9 @@ DIFFERENCE_THRESHOLD = 0.05  # the paper flags a model value more than 5% away f
 ARROW = '--> "'  # what the model writes right before its own value; the interleaved mode stops here
 ARROW_STOPS = [ARROW, '-->"', '--> \\"']  # spellings models use; any of them pauses generation
 _MARKER = "__DC__"
+# A query or value longer than this is not one (a stray marker in prose): it stays text. The bound also
+# keeps re-parsing an open annotation on every streamed chunk cheap.
+MAX_FIELD_CHARS = 500
 
 
 class Annotation(BaseModel):
@@ -51,6 +54,10 @@ class Annotation(BaseModel):
 # -- parsing -----------------------------------------------------------------------------------
 class _NeedMore(Exception):
     """The buffer ends inside an annotation; more text could change how it parses."""
+
+
+class _TooLong(ValueError):
+    """A quoted field ran past MAX_FIELD_CHARS: the marker is not the start of an annotation."""
 
 
 def _skip_space(text: str, i: int) -> int:
@@ -75,14 +82,17 @@ def _read_quoted(text: str, i: int, final: bool, what: str, stop_at_newline: boo
     else:
         raise ValueError(f"no opening quote for the {what}")
     out = []
+    opened_at = i
     while True:
+        if i - opened_at > MAX_FIELD_CHARS:
+            raise _TooLong(what)
         if i >= len(text):
             if not final:
                 raise _NeedMore
             problems.append(f"unterminated {what}")
             return "".join(out).strip(), i, problems
         c = text[i]
-        if stop_at_newline and c == "\n":  # a value never spans lines: the quote was never closed
+        if stop_at_newline and c == "\n":  # queries and values never span lines: the quote was never closed
             problems.append(f"unterminated {what}")
             return "".join(out).strip(), i, problems
         if c == "\\" and i + 1 < len(text):
@@ -140,7 +150,7 @@ def _parse_at(text: str, marker_at: int, floor: int, final: bool) -> Annotation 
             return None
         raise _NeedMore
     try:
-        query, i, more = _read_quoted(text, i, final, "query", stop_at_newline=False)
+        query, i, more = _read_quoted(text, i, final, "query", stop_at_newline=True)
     except ValueError:
         return None
     problems += more
@@ -169,9 +179,13 @@ def _parse_at(text: str, marker_at: int, floor: int, final: bool) -> Annotation 
             model_value, i, more = _read_quoted(text, k, final, "value", stop_at_newline=True)
             problems += more
             model_value = model_value.strip()
+        except _TooLong:
+            return None
         except ValueError:
             problems.append("unquoted value")
-            m = re.match(r"[^\]\n]*", text[k:])
+            m = re.match(r"[^\]\n]*", text[k:k + MAX_FIELD_CHARS + 1])
+            if m.end() > MAX_FIELD_CHARS:
+                return None
             model_value, i = m.group(0).strip(), k + m.end()
             if i >= len(text) and not final:
                 raise _NeedMore from None

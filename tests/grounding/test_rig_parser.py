@@ -188,3 +188,17 @@ def test_substitution_is_by_span_for_malformed_annotations():
     out = run(text, {KENYA_LIFE.query: KENYA_LIFE})
     assert out.text == ("[__DC__#1(54.11 years [1] || 54 years)] then "
                         "[__DC__#2(54.11 years [1] || 54 years)] end")
+
+
+def test_a_stray_marker_before_a_long_text_stays_text_and_streaming_stays_fast():
+    import time
+
+    parser, found = AnnotationParser(), []
+    start = time.monotonic()
+    found += parser.feed('prose [__DC__("')
+    for _ in range(3000):  # a quote that never closes, streamed word by word
+        found += parser.feed("word ")
+    found += parser.feed('[__DC__("population of Peru") --> "27 million"] end')
+    found += parser.close()
+    assert time.monotonic() - start < 5  # bounded re-parsing (unbounded took > 10 s)
+    assert [(a.query, a.model_value) for a in found] == [("population of Peru", "27 million")]
