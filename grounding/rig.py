@@ -205,8 +205,8 @@ class AnnotationParser:
 
     ``feed(chunk)`` returns the annotations that became complete; ``close()`` returns the rest (an
     annotation cut off by the end of the text is parsed as far as it goes). Spans are offsets into the
-    whole text fed so far (``parser.text``). Text that cannot be an annotation is skipped; nothing is
-    buffered beyond the last ``__DC__`` that is still open.
+    whole text fed so far (``parser.text``). Text that cannot be an annotation is skipped, and each
+    chunk re-parses only the annotation still open at the end (bounded by ``MAX_FIELD_CHARS``).
     """
 
     def __init__(self) -> None:
