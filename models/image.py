@@ -135,24 +135,22 @@ def load_image(source: ImageSource, *, max_pixels: int | None = MAX_IMAGE_PIXELS
     ours; Pillow still refuses images over twice its own limit).
     """
     name = _name(source)
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        image = _open(source, name)
-        pixels = image.width * image.height
-        if max_pixels is not None and pixels > max_pixels:
-            raise ImageError(f"{name}: {image.width}x{image.height} = {pixels} pixels exceeds the limit of "
-                             f"{max_pixels} (a possible decompression bomb); pass a larger max_pixels if the "
-                             "image is trusted")
-        try:
-            with warnings.catch_warnings():
-                # Our own limit above is the guard; Pillow's warning would only repeat it.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image.load()
-        except Image.DecompressionBombError as e:
-            raise ImageError(f"{name}: refused by Pillow as a decompression bomb ({e})") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ImageError(f"{name}: truncated or corrupt {image.format or ''} image data ({e})") from None
+    image = source if isinstance(source, Image.Image) else _open(source, name)
+    pixels = image.width * image.height
+    # Only encoded data can be a bomb; an image already in memory has been paid for.
+    if max_pixels is not None and pixels > max_pixels and not isinstance(source, Image.Image):
+        raise ImageError(f"{name}: {image.width}x{image.height} = {pixels} pixels exceeds the limit of "
+                         f"{max_pixels} (a possible decompression bomb); pass a larger max_pixels if the "
+                         "image is trusted")
+    try:
+        with warnings.catch_warnings():
+            # Our own limit above is the guard; Pillow's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()  # decode now (Image.open only reads the header), so bad data fails here
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: refused by Pillow as a decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"{name}: truncated or corrupt {image.format or ''} image data ({e})") from None
     try:
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, TypeError, KeyError) as e:
