@@ -171,3 +171,16 @@ def test_no_tables_falls_back_without_asking_about_tables():
     result = RAG(TableSource({}), llm).run("Who wrote Hamlet?")
     assert result.questions == [] and result.tables == [] and result.fallback
     assert llm.prompts == [question_prompt("Who wrote Hamlet?"), "Who wrote Hamlet?"]
+
+
+def test_table_lookups_run_concurrently():
+    class Slow(TableSource):
+        def table(self, query):
+            time.sleep(0.3)
+            return super().table(query)
+
+    questions = [f"What is metric {i} in Kenya?" for i in range(4)]
+    rag = RAG(Slow({q: table(q) for q in questions}), Scripted("\n".join(questions)), max_workers=4)
+    start = time.monotonic()
+    _, numbered, _ = rag.retrieve("Kenya?")
+    assert time.monotonic() - start < 0.3 * 4 * 0.6 and len(numbered) == 4
