@@ -1,7 +1,8 @@
 """Evaluate question -> statistic resolution of a statistics source on a hand-written question set.
 
     .venv/bin/python benchmarks/eval_grounding.py                      # the embedded gapminder store
-    .venv/bin/python benchmarks/eval_grounding.py --source nl --verbose
+    .venv/bin/python benchmarks/eval_grounding.py --source nl --verbose          # needs DC_API_KEY
+    .venv/bin/python benchmarks/eval_grounding.py --via-local-server             # NL client -> our server
     .venv/bin/python benchmarks/eval_grounding.py --verify-expected    # re-check the answers against gapminder.csv
 
 The question set (``grounding_questions.json`` beside this script) mixes phrasings, aliases ("Ivory
@@ -151,6 +152,9 @@ def verify_expected(questions: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", default="local", choices=("local", "nl", "rest"))
+    parser.add_argument("--base-url", default=None, help="base URL of the nl/rest endpoint (self-hosted Data Commons)")
+    parser.add_argument("--via-local-server", action="store_true",
+                        help="serve the embedded store on 127.0.0.1 and evaluate the NL client against it")
     parser.add_argument("--questions", default=str(QUESTIONS))
     parser.add_argument("--verbose", action="store_true", help="one line per question")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -162,9 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(problems) or f"all {len(questions)} expected answers match gapminder.csv")
         return 1 if problems else 0
 
+    from grounding.server import start_server
     from grounding.sources import open_source
 
-    report = evaluate(open_source(kind=args.source), questions, verbose=args.verbose)
+    if args.via_local_server:
+        with start_server() as server:
+            report = evaluate(open_source("nl", base_url=server.url), questions, verbose=args.verbose)
+        args.source = f"nl via {server.url}"
+    else:
+        settings = {"base_url": args.base_url} if args.base_url else {}
+        report = evaluate(open_source(kind=args.source, **settings), questions, verbose=args.verbose)
     report["source"] = args.source
     if args.json:
         print(json.dumps(report, indent=2))
