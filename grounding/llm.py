@@ -50,6 +50,9 @@ class NativeGemma:
         """
         from models import load_model, load_tokenizer
 
+        if tokenizer is None and not os.path.exists(os.path.expanduser(str(source))):
+            raise ValueError(f"{source!r} is not a file or directory (a preset name?): presets carry no "
+                             "tokenizer, pass one (tokenizer=..., CLI --tokenizer: tokenizer.json or .gguf)")
         model = load_model(source, dtype=dtype, device=device)
         tok = load_tokenizer(tokenizer or source)
         if chat is None:
