@@ -309,9 +309,17 @@ if triton is not None:
             k_valid = kpos < hi
             k = tl.load(k_base + kpos[None, :] * stride_kn, mask=d_valid[:, None] & k_valid[None, :], other=0.0)
             s = _scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP, FP32)
-            visible = _visible(qpos[:, None], kpos[None, :], kv_len, prefix, window, CAUSAL, HAS_WINDOW,
-                               HAS_PREFIX)
-            s = tl.where(visible, s, float("-inf"))
+            # Most tiles of a long causal or windowed sequence are seen in full by every query of
+            # the block; only tiles on the diagonal, the window's edge or the padding build a mask.
+            needs_mask = start_n + BLOCK_N > hi
+            if CAUSAL:
+                needs_mask = needs_mask | (start_n + BLOCK_N - 1 > first_pos)
+            if HAS_WINDOW:
+                needs_mask = needs_mask | (start_n <= last_pos - window)
+            if needs_mask:
+                visible = _visible(qpos[:, None], kpos[None, :], kv_len, prefix, window, CAUSAL, HAS_WINDOW,
+                                   HAS_PREFIX)
+                s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead (no NaN).
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -133,6 +133,21 @@ def test_gemma2_layer_shapes_and_odd_lengths(dtype):
         assert_close(out, attention_reference(q, k, v, **kwargs), v, dtype)
 
 
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 5), (True, 40), (False, None), (False, 7)])
+def test_tile_edges_at_every_offset(causal, window):
+    """Rows starting at every offset (and ending at every length) modulo the 32-key tile: each
+    diagonal, window-edge and padding boundary, where the kernel switches between masked and
+    unmasked tiles, falls on every key of a tile."""
+    gen = torch.Generator().manual_seed(5)
+    offsets = torch.arange(32)
+    q = torch.randn(32, 1, 40, 16, generator=gen)
+    k = torch.randn(32, 1, 72, 16, generator=gen)
+    v = torch.randn(32, 1, 72, 16, generator=gen)
+    kwargs = dict(q_offset=offsets, kv_lens=offsets + 40, causal=causal, window=window, softcap=2.0)
+    out = attention(q, k, v, backend="triton", **kwargs)
+    assert_close(out, attention_reference(q, k, v, **kwargs), v, torch.float32)
+
+
 def test_non_contiguous_inputs_as_the_models_pass_them():
     """Models pass q/k/v as transposes of (batch, seq, heads, dim) projections: strides, not copies."""
     gen = torch.Generator().manual_seed(2)
