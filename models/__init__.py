@@ -11,7 +11,7 @@ import importlib
 
 _EXPORTS = {
     "ConfigError": "config", "GemmaConfig": "config", "preset": "config", "preset_names": "config",
-    "GemmaLM": "gemma",
+    "GemmaLM": "gemma", "PaliGemma": "paligemma", "SiglipVisionModel": "siglip",
     "generate": "generate", "generate_ids": "generate",
     "CheckpointError": "loading", "load_model": "loading",
     "load_tokenizer": "tokenizer", "GemmaTokenizer": "tokenizer",

@@ -38,6 +38,7 @@ class CheckpointError(ValueError):
 ARCHITECTURES: dict[str, str] = {
     "gemma": ".gemma_hf", "gemma2": ".gemma_hf", "gemma3_text": ".gemma_hf", "gemma3": ".gemma_hf",
     "paligemma": ".paligemma",
+    "siglip": ".siglip", "siglip_vision_model": ".siglip",
 }
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
