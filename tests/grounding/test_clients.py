@@ -143,7 +143,7 @@ class SlowFlakySource:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
             self.calls.append(query)
-        time.sleep(0.02)
+        time.sleep(0.05)
         with self.lock:
             self.active -= 1
         if "boom" in query:
