@@ -406,3 +406,32 @@ def _default_store() -> Store:
 def open_default_store() -> Store:
     """The shipped Gapminder data set (built by ``grounding/data/build_gapminder.py``), in memory, shared."""
     return _default_store()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m grounding.store STORE.sqlite --observations obs.csv [--variables v.csv] [--places p.csv]``"""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m grounding.store",
+                                     description="Import CSV files (Data Commons custom-import shape) into a store file.")
+    parser.add_argument("store", help="SQLite file to create or extend")
+    parser.add_argument("--observations", help="entity,variable,date,value[,unit][,source]")
+    parser.add_argument("--variables", help="dcid,name[,description][,unit][,aliases]")
+    parser.add_argument("--places", help="dcid,name,type[,parent][,aliases]")
+    parser.add_argument("--source", action="append", default=[], metavar="NAME=URL",
+                        help="provenance URL of a source named in the observations (repeatable)")
+    args = parser.parse_args(argv)
+    sources = dict(item.split("=", 1) if "=" in item else (item, None) for item in args.source)
+    store = Store(args.store)
+    try:
+        added = store.import_csv(args.observations, variables=args.variables, places=args.places, sources=sources)
+    except StoreImportError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.store}: imported {added} observations ({store.count_observations()} in the store)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

