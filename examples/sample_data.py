@@ -1,0 +1,166 @@
+"""Sample data for the examples, so each runs with no downloads: small PDFs with a text layer, and tiny
+*random* ColPali / PaliGemma checkpoints written in the Hugging Face layout (they load exactly like real
+ones, but their rankings and answers are meaningless — pass real checkpoints to the examples for that).
+
+    write_sample_pdfs(folder)          -> two PDFs (an invoice, a report) with text and coloured shapes
+    write_tiny_colpali(folder)         -> a ColPali checkpoint directory (config.json, safetensors, tokenizer)
+    write_tiny_paligemma(folder)       -> a PaliGemma checkpoint directory
+    index_pdfs(index, embedder, paths) -> render every page and add it to a vision_rag index
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+SAMPLE_PAGES = {
+    "invoice.pdf": [
+        ("Invoice 2024-017", ["Total due: 1,250.00 EUR", "Payable within 30 days"], (0.9, 0.2, 0.2)),
+        ("Invoice items", ["3 x red circles", "2 x blue squares"], (0.2, 0.3, 0.9)),
+    ],
+    "report.pdf": [
+        ("Quarterly revenue", ["Revenue grew 12% in Q3", "Chart: revenue by region"], (0.2, 0.7, 0.3)),
+        ("Outlook", ["Costs stable", "Hiring in the second half"], (0.8, 0.7, 0.1)),
+        ("Appendix", ["Page of tables", "No images here"], (0.5, 0.5, 0.5)),
+    ],
+}
+
+
+def _pdf_string(text: str) -> str:
+    return "(" + text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)") + ")"
+
+
+def write_pdf(path: str | Path, pages: list[tuple[str, list[str], tuple[float, float, float]]]) -> Path:
+    """A PDF (US letter pages) with a title, text lines (a real text layer, Helvetica) and a filled
+    rectangle of the given RGB colour on each page. Written by hand: the PDF syntax is small."""
+    objects: list[bytes] = []
+
+    def add(body: str | bytes) -> int:
+        objects.append(body.encode("latin-1") if isinstance(body, str) else body)
+        return len(objects)
+
+    catalog = add("")  # filled in below, once the page ids are known
+    pages_id = add("")
+    font = add("<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    page_ids = []
+    for title, lines, (r, g, b) in pages:
+        ops = [f"{r} {g} {b} rg 72 430 300 200 re f", "0 0 0 rg", f"BT /F1 28 Tf 72 700 Td {_pdf_string(title)} Tj ET"]
+        ops += [f"BT /F1 16 Tf 72 {660 - 24 * i} Td {_pdf_string(line)} Tj ET" for i, line in enumerate(lines)]
+        stream = "\n".join(ops).encode("latin-1")
+        content = add(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+        page_ids.append(add(f"<< /Type /Page /Parent {pages_id} 0 R /MediaBox [0 0 612 792] "
+                            f"/Resources << /Font << /F1 {font} 0 R >> >> /Contents {content} 0 R >>"))
+    objects[catalog - 1] = f"<< /Type /Catalog /Pages {pages_id} 0 R >>".encode()
+    kids = " ".join(f"{p} 0 R" for p in page_ids)
+    objects[pages_id - 1] = f"<< /Type /Pages /Kids [{kids}] /Count {len(page_ids)} >>".encode()
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root %d 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, catalog, xref)
+    path = Path(path)
+    path.write_bytes(bytes(out))
+    return path
+
+
+def write_sample_pdfs(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write_pdf(folder / name, pages) for name, pages in SAMPLE_PAGES.items()]
+
+
+# -- tiny random checkpoints -------------------------------------------------------------------------------
+WORDS = ["Describe", "Question", "answer", "the", "image", "invoice", "total", "chart", "revenue", "page", "due",
+         "red", "blue", "what", "is", "en", "caption"]
+
+
+def _paligemma_tokenizer():
+    """A small PaliGemma-style vocabulary: <pad> <eos> <bos> <unk>, newline, letters and word pieces, a few
+    <locNNNN>, then <image> last (as in PaliGemma). No byte pieces, so a random model writes letters."""
+    from models.tokenizer import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, tokenizer_from_vocabulary
+
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "\n"]
+    types = [CONTROL, CONTROL, CONTROL, UNKNOWN, USER_DEFINED]
+    text = ["\u2581", *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'-%"]
+    for word in WORDS:  # every prefix of each word, so BPE can build it by merges
+        text += [word[:i] for i in range(2, len(word) + 1)] + ["\u2581" + word[:i] for i in range(1, len(word) + 1)]
+    text = list(dict.fromkeys(text))
+    pieces += text + [f"<loc{i:04d}>" for i in range(16)] + ["<image>"]
+    types += [NORMAL] * len(text) + [USER_DEFINED] * 16 + [CONTROL]
+    return tokenizer_from_vocabulary(pieces, types, bos_id=2), len(pieces)
+
+
+def _tiny_paligemma_config(vocab_size: int, image_size: int) -> dict:
+    text = dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, vocab_size=vocab_size, max_position_embeddings=512,
+                pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=image_size, patch_size=14, vision_use_head=False)
+    return dict(model_type="paligemma", architectures=["PaliGemmaForConditionalGeneration"],
+                image_token_index=vocab_size - 1, projection_dim=32, hidden_size=32, vocab_size=vocab_size,
+                text_config=text, vision_config=vision)
+
+
+def _randomise(module, seed: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _name, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return module
+
+
+def _save(module, config: dict, tokenizer, folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / "model.safetensors"))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def write_tiny_colpali(folder: str | Path, *, seed: int = 0, image_size: int = 56) -> Path:
+    """A random ColPali checkpoint (colpali-engine layout: ``model.*`` + ``custom_text_proj``)."""
+    from models.paligemma import PaliGemmaConfig
+    from vision_rag.colpali import ColPali
+
+    tokenizer, vocab = _paligemma_tokenizer()
+    config = _tiny_paligemma_config(vocab, image_size)
+    config["architectures"] = ["ColPali"]
+    return _save(_randomise(ColPali(PaliGemmaConfig.from_hf(config)), seed), config, tokenizer, Path(folder))
+
+
+def write_tiny_paligemma(folder: str | Path, *, seed: int = 1, image_size: int = 28) -> Path:
+    """A random PaliGemma checkpoint (generates text: its answers are noise)."""
+    from models.paligemma import PaliGemma, PaliGemmaConfig
+
+    tokenizer, vocab = _paligemma_tokenizer()
+    config = _tiny_paligemma_config(vocab, image_size)
+    return _save(_randomise(PaliGemma(PaliGemmaConfig.from_hf(config)), seed), config, tokenizer, Path(folder))
+
+
+def index_pdfs(index, embedder, paths: list[str | Path], *, dpi: int = 50) -> list[int]:
+    """Render every page of ``paths`` and add it to ``index`` (document id = file name, content hash =
+    sha256 of the file). Returns the new page ids."""
+    import pypdfium2 as pdfium
+
+    from vision_rag.langchain import page_image
+
+    ids = []
+    for path in map(Path, paths):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        pdf = pdfium.PdfDocument(path)
+        n_pages = len(pdf)
+        pdf.close()
+        records = [{"document_id": path.name, "page_number": i, "source_path": str(path.resolve()),
+                    "content_hash": digest} for i in range(n_pages)]
+        images = [page_image(r, dpi=dpi) for r in records]
+        ids += index.add(zip(records, embedder.embed_pages(images, progress=False), strict=True))
+    return ids
