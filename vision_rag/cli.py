@@ -1,0 +1,203 @@
+"""``gemma-ground index | search | explain``: build and query a ColPali page index from the shell.
+
+    gemma-ground index   --model SOURCE [--adapter DIR] --index DIR PATH...
+    gemma-ground search  --index DIR "query" [-k 5] [--json]
+    gemma-ground explain --index DIR "query" PAGE_ID --out map.png
+
+Thin: parses arguments and calls :mod:`vision_rag.colpali`, :mod:`vision_rag.index`,
+:mod:`vision_rag.ingest` and :mod:`vision_rag.simmap`. The index records the id of the model that built
+it and refuses another; ``index`` also writes ``embedder.json`` beside it (the checkpoint path, adapter
+and input settings) so ``search`` and ``explain`` load the same model unless ``--model`` is given.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+__all__ = ["register", "SearchHitOutput", "SearchOutput", "IndexSummary"]
+
+
+class SearchHitOutput(BaseModel):
+    rank: int
+    page_id: int
+    score: float  # MaxSim, in [-query tokens, query tokens]
+    normalized_score: float  # score / query tokens
+    document_id: str
+    page_number: int  # 0-based
+    source_path: str
+    metadata: dict
+
+
+class SearchOutput(BaseModel):
+    """``search --json``."""
+
+    query: str
+    index: str
+    model_id: str
+    hits: list[SearchHitOutput]
+
+
+class IndexSummary(BaseModel):
+    """The last line ``index`` prints (as JSON with ``--json``)."""
+
+    index: str
+    model_id: str
+    pages_added: int
+    pages_skipped: int
+    files_failed: int
+    failures: list[dict]
+    pages_in_index: int
+
+
+def _model_options(parser, required: bool) -> None:
+    parser.add_argument("--model", required=required, default=None,
+                        help="ColPali checkpoint directory (merged, or the base model when --adapter is given)"
+                             + ("" if required else "; default: the model recorded in the index"))
+    parser.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory merged into --model at load time")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("index", help="add PDFs, images and directories to a ColPali page index")
+    _model_options(p, required=True)
+    p.add_argument("--index", required=True, help="index directory (created if missing)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="PDF or image files, or directories (recursive)")
+    p.add_argument("--dpi", type=int, default=None, help="PDF rendering resolution")
+    p.add_argument("--batch-size", type=int, default=4, help="pages embedded per forward pass")
+    p.add_argument("--storage", default=None, choices=("fp16", "fp32", "sq8", "pq"),
+                   help="vector storage of a new index (default fp16)")
+    p.add_argument("--pool-factor", type=int, default=None, help="token pooling factor of a new index (default 1: none)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("search", help="find the pages of a ColPali index that best match a query")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("query", help="the query text")
+    p.add_argument("-k", type=int, default=5, help="number of pages (default 5)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--document", action="append", default=None, help="only pages of this document id (repeatable)")
+    p.add_argument("--path-prefix", default=None, help="only pages whose source path starts with this")
+    p.add_argument("--exact", action="store_true", help="exhaustive MaxSim even where the index would use FAISS")
+    _model_options(p, required=False)
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("explain", help="save a similarity map: which page patches matched which query tokens")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("query", help="the query text")
+    p.add_argument("page_id", type=int, metavar="PAGE_ID", help="page id (from search)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    _model_options(p, required=False)
+    p.set_defaults(func=_cmd_explain)
+
+
+# -- model loading shared by the commands ---------------------------------------------------------------------------
+def _load_embedder(args, index_dir: Path, expected_model_id: str | None):
+    """The embedder given on the command line, else the one recorded beside the index; refuses a model
+    whose id differs from the index's."""
+    from .colpali import ColPaliEmbedder, read_embedder_record
+    from .index import ModelMismatchError
+
+    if args.model is not None:
+        embedder = ColPaliEmbedder.load(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
+    else:
+        record = read_embedder_record(index_dir)
+        if record is None:
+            raise ValueError(f"index {index_dir} does not record which model built it; pass --model")
+        if not Path(record.source).is_dir():
+            raise FileNotFoundError(f"the model that built index {index_dir} was at {record.source}, which is gone; "
+                                    "pass --model (the same checkpoint, moved)")
+        embedder = ColPaliEmbedder.load(record.source, adapter=record.adapter, dtype=args.dtype, device=args.device,
+                                        settings=record.settings)
+    if expected_model_id is not None and embedder.model_id != expected_model_id:
+        raise ModelMismatchError(f"index {index_dir} was built with model {expected_model_id!r}, but the model given "
+                                 f"is {embedder.model_id!r}; use the model that built the index or a new index directory")
+    return embedder
+
+
+def _open_index(directory: str):
+    from .index import Index
+
+    path = Path(directory)
+    return path, Index.open(path)
+
+
+# -- commands -------------------------------------------------------------------------------------------------------
+def _cmd_index(args) -> int:
+    from .colpali import ColPaliEmbedder, write_embedder_record
+    from .index import Index
+    from .ingest import index_paths
+
+    index_dir = Path(args.index)
+    for p in args.paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"{p}: no such file or directory")
+    embedder = ColPaliEmbedder.load(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
+    options = {k: v for k, v in dict(storage=args.storage, pool_factor=args.pool_factor).items() if v is not None}
+    # Index.open refuses an existing index built by another model (ModelMismatchError).
+    with Index.open(index_dir, create=True, model_id=embedder.model_id, dim=embedder.dim, **options) as index:
+        write_embedder_record(index_dir, embedder)
+        kwargs = dict(batch_size=args.batch_size, progress=True)
+        if args.dpi is not None:
+            kwargs["dpi"] = args.dpi
+        report = index_paths(index, embedder, args.paths, **kwargs)
+        summary = _summary(report, index_dir, embedder.model_id, len(index))
+    for failure in summary.failures:
+        print(f"failed: {failure.get('path')}: {failure.get('error')}", file=sys.stderr)
+    if args.json:
+        print(summary.model_dump_json(indent=2))
+    else:
+        print(f"{summary.pages_added} pages added, {summary.pages_skipped} skipped (unchanged), "
+              f"{summary.files_failed} files failed; {summary.pages_in_index} pages in {index_dir}")
+    return 0
+
+
+def _summary(report, index_dir: Path, model_id: str, total: int) -> IndexSummary:
+    failures = [{"path": str(f.path), "error": str(f.error)} for f in report.failed]
+    return IndexSummary(index=str(index_dir), model_id=model_id, pages_added=report.pages_added,
+                        pages_skipped=report.pages_skipped, files_failed=len(failures), failures=failures,
+                        pages_in_index=total)
+
+
+def _cmd_search(args) -> int:
+    from .index import SearchFilter
+
+    if args.k < 1:
+        raise ValueError(f"-k must be >= 1, got {args.k}")
+    index_dir, index = _open_index(args.index)
+    with index:
+        embedder = _load_embedder(args, index_dir, index.model_id)
+        query = embedder.embed_queries([args.query], progress=False)[0]
+        conditions = dict(document_id=args.document, source_path_prefix=args.path_prefix)
+        conditions = {k: v for k, v in conditions.items() if v is not None}
+        hits = index.search(query, k=args.k, filter=SearchFilter(**conditions) if conditions else None,
+                            exact=True if args.exact else None)
+        output = SearchOutput(query=args.query, index=str(index_dir), model_id=index.model_id, hits=[
+            SearchHitOutput(rank=rank, page_id=h.page_id, score=h.score, normalized_score=h.normalized_score,
+                            document_id=h.page.document_id, page_number=h.page.page_number,
+                            source_path=h.page.source_path, metadata=h.page.metadata)
+            for rank, h in enumerate(hits, 1)])
+    if args.json:
+        print(output.model_dump_json(indent=2))
+        return 0
+    if not output.hits:
+        print(f"no pages in {index_dir} match (the index is empty or the filter excludes everything)")
+    for hit in output.hits:
+        print(f"{hit.rank:3d}. {hit.score:8.3f} ({hit.normalized_score:.3f})  page_id={hit.page_id}  "
+              f"{hit.source_path} p.{hit.page_number + 1}")
+    return 0
+
+
+def _cmd_explain(args) -> int:
+    from .simmap import explain_page
+
+    index_dir, index = _open_index(args.index)
+    with index:
+        embedder = _load_embedder(args, index_dir, index.model_id)
+        page = index.get(args.page_id)
+        out = explain_page(embedder, page, args.query, args.out)
+    print(f"wrote {out}")
+    return 0
