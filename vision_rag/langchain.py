@@ -63,7 +63,7 @@ def page_text(page) -> str:
             if not 0 <= number < len(pdf):
                 raise PageSourceError(f"{source} has {len(pdf)} pages; page {number + 1} is gone (re-index it)")
             textpage = pdf[number].get_textpage()
-            return textpage.get_text_range().strip()
+            return textpage.get_text_range().replace("\r\n", "\n").strip()  # pdfium ends lines with CRLF
         finally:
             pdf.close()
 

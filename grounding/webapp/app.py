@@ -1,0 +1,444 @@
+"""The web app: page search over a vision_rag index and grounded statistical answers, on one small server.
+
+    create_app(index_dir=None, store=None, embedder=None, llm=None)  -> a FastAPI app
+    serve(..., host="127.0.0.1", port=8000)                          -> runs it with uvicorn
+
+Pages (plain HTML + vanilla JS from ``static/``, no build step): ``/`` search (query box, results with page
+thumbnails and scores, a toggle overlaying the similarity map on each page) and ``/stats`` (question box,
+answer with footnotes / table citations and the tables used). Both call the JSON API, documented by
+OpenAPI at ``/api/openapi.json`` (browsable at ``/api/docs`` when the browser can reach the Swagger CDN).
+
+This is the one module that composes vision_rag and grounding, each through its public API; vision_rag
+is imported only when an index is configured, so the statistics page works without it.
+
+Safe by construction: page images are served by page id only (file paths come from the index, never
+from a request); the pages insert every piece of text with ``textContent`` and send a strict
+Content-Security-Policy; request bodies (16 KiB), query lengths, result counts and image sizes are
+bounded; every error is JSON ``{"error": {"status", "type", "message"}}`` with its status code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from importlib.resources import files
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote
+
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from ..answer import Answer, ask
+from ..types import GroundingError, StatSource
+
+__all__ = ["create_app", "serve", "WebAppError", "SearchRequest", "SearchResponse", "SearchHit", "AskRequest",
+           "StatusResponse", "ErrorResponse", "MAX_BODY_BYTES", "MAX_K", "MAX_QUERY_CHARS", "MAX_QUESTION_CHARS",
+           "MAX_IMAGE_SIDE"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024
+MAX_K = 50
+MAX_QUERY_CHARS = 500
+MAX_QUESTION_CHARS = 1000
+MAX_IMAGE_SIDE = 2000
+THUMBNAIL_SIDE = 320
+STATIC = files("grounding.webapp") / "static"
+
+
+class WebAppError(GroundingError):
+    """The web app cannot start with these settings (no such index, no model recorded for it ...)."""
+
+
+# -- API data -------------------------------------------------------------------------------------------
+class SearchRequest(BaseModel):
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="what to look for, in words")
+    k: int = Field(default=10, ge=1, le=MAX_K, description="how many pages to return")
+    document_id: str | None = Field(default=None, max_length=500, description="only pages of this document")
+
+
+class SearchHit(BaseModel):
+    rank: int
+    page_id: int
+    score: float = Field(description="MaxSim: sum over query tokens of the best page-token similarity")
+    normalized_score: float = Field(description="score / query tokens, in [-1, 1]")
+    document_id: str
+    document_name: str = Field(description="file name of the source (never the full path)")
+    page_number: int = Field(description="1-based page number within the document")
+    text: str = Field(description="start of the page's text layer (PDFs), empty for scans")
+    image_url: str
+    thumbnail_url: str
+    simmap_url: str = Field(description="transparent PNG heat map of the query over the page's patches")
+
+
+class SearchResponse(BaseModel):
+    query: str
+    model_id: str
+    pages_in_index: int
+    hits: list[SearchHit]
+    elapsed_ms: float
+
+
+class AskRequest(BaseModel):
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
+    mode: Literal["rag", "rig"] = "rag"
+
+
+class StatusResponse(BaseModel):
+    search_enabled: bool
+    pages_in_index: int | None = None
+    model_id: str | None = None
+    statistics_source: str
+    llm: str | None = None
+
+
+class ErrorBody(BaseModel):
+    status: int
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def _error(status: int, kind: str, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status,
+                        content=ErrorResponse(error=ErrorBody(status=status, type=kind, message=message)).model_dump())
+
+
+class ApiError(HTTPException):
+    def __init__(self, status: int, kind: str, message: str):
+        super().__init__(status_code=status, detail=message)
+        self.kind = kind
+
+
+# -- the statistics and search back ends ---------------------------------------------------------------------
+def _stat_source(store) -> StatSource:
+    from ..sources import open_source
+
+    if store is None:
+        return open_source("local")
+    if isinstance(store, StatSource):
+        return store
+    return open_source("local", store=store)  # a grounding Store or the path of a store file
+
+
+class _Search:
+    """The index, its embedder and small caches of rendered images; one embedding at a time."""
+
+    def __init__(self, index_dir, embedder):
+        from vision_rag.index import Index
+
+        self.index = Index.open(index_dir)  # refuses a directory that holds no index, with the reason
+        if embedder is None:
+            from vision_rag.colpali import ColPaliEmbedder, read_embedder_record
+
+            record = read_embedder_record(index_dir)
+            if record is None:
+                raise WebAppError(f"{index_dir} has no embedder.json naming the model that built it; pass the "
+                                  "ColPali checkpoint (serve --colpali SOURCE / create_app(embedder=...))")
+            embedder = ColPaliEmbedder.load(record.source, adapter=record.adapter, settings=record.settings)
+        if getattr(embedder, "model_id", self.index.model_id) != self.index.model_id:
+            raise WebAppError(f"the index in {index_dir} was built with model {self.index.model_id!r}, not "
+                              f"{embedder.model_id!r}; serve it with the model that built it")
+        self.embedder = embedder
+        self.lock = threading.Lock()
+        self._images: OrderedDict[tuple, bytes] = OrderedDict()
+        self._images_lock = threading.Lock()
+
+    def page(self, page_id: int):
+        from vision_rag.index import PageNotFoundError
+
+        try:
+            return self.index.get(page_id)
+        except PageNotFoundError:
+            raise ApiError(404, "page_not_found", f"no page with id {page_id} in the index") from None
+
+    def png(self, key: tuple, render) -> bytes:
+        """Rendered PNGs by (kind, page id, generation, size...): the last 256 are kept."""
+        key = (*key, self.index.generation)
+        with self._images_lock:
+            if key in self._images:
+                self._images.move_to_end(key)
+                return self._images[key]
+        data = render()
+        with self._images_lock:
+            self._images[key] = data
+            while len(self._images) > 256:
+                self._images.popitem(last=False)
+        return data
+
+
+def _png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def similarity_grid(query_vectors, patch_vectors, grid: tuple[int, int]):
+    """Per image patch, the summed similarity of all query tokens, scaled to [0, 1], as a ``grid`` array.
+
+    The ColPali page image is resized to a square without keeping its aspect ratio, so the grid covers
+    the whole page image, stretched likewise."""
+    import numpy as np
+
+    sims = (query_vectors @ patch_vectors.T).sum(0).float().numpy().reshape(grid)
+    low, high = float(sims.min()), float(sims.max())
+    return (sims - low) / (high - low) if high > low else np.zeros_like(sims)
+
+
+def _heat_png(grid_values, side: int = 256) -> bytes:
+    """A transparent red heat map (alpha follows the value), upscaled smoothly to ``side`` pixels."""
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.zeros((*grid_values.shape, 4), dtype=np.uint8)
+    rgba[..., 0] = 255
+    rgba[..., 1] = (80 * (1 - grid_values)).astype(np.uint8)
+    rgba[..., 3] = (200 * grid_values).astype(np.uint8)
+    return _png_bytes(Image.fromarray(rgba, "RGBA").resize((side, side), Image.BILINEAR))
+
+
+# -- the app ---------------------------------------------------------------------------------------------------
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+class _BodyLimit:
+    """Refuse request bodies over ``max_bytes`` (declared or streamed) with a JSON 413, before any parsing."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"error": {"status": 413, "type": "request_too_large",
+                                     "message": f"request bodies are limited to {self.max_bytes} bytes"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(send)
+        # Read the whole body first (at most max_bytes + one message), then hand it on: a body sent without
+        # Content-Length (chunked) is bounded the same way, before the app parses anything.
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(index_dir: str | Path | None = None, store=None, embedder=None, llm=None, *,
+               max_new_tokens: int = 512) -> FastAPI:
+    """The web app.
+
+    ``index_dir``: a vision_rag index for the search page (None: search is off, statistics work);
+    ``embedder``: its ColPali embedder (default: the model recorded in the index's ``embedder.json``);
+    ``store``: the statistics — a StatSource, a grounding Store or the path of a store file (default: the
+    embedded Gapminder store); ``llm``: a grounding LLM or LangChain chat model that writes answers
+    (None: the retrieved statistics are stated plainly, with their sources).
+    """
+    search = _Search(index_dir, embedder) if index_dir is not None else None
+    source = _stat_source(store)
+    model = None
+    if llm is not None:
+        from ..langchain import as_grounding_llm
+
+        model = as_grounding_llm(llm)
+    llm_lock = threading.Lock()  # native models keep one KV cache: one generation at a time
+
+    app = FastAPI(title="gemma-grounding", version="0.1.0", openapi_url="/api/openapi.json", docs_url="/api/docs",
+                  redoc_url=None, description="Search scanned pages (ColPali) and ask statistical questions "
+                  "answered with cited numbers (RAG / RIG). All errors are JSON: {\"error\": {status, type, message}}.")
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        if not request.url.path.startswith("/api/docs"):  # Swagger UI loads its script from a CDN
+            response.headers.update(_SECURITY_HEADERS)
+        return response
+
+    app.add_middleware(_BodyLimit, max_bytes=MAX_BODY_BYTES)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        kind = getattr(exc, "kind", None) or {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, kind, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                             for e in exc.errors())
+        return _error(422, "invalid_request", problems or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):
+        log.exception("error serving %s", request.url.path)
+        return _error(500, "internal_error", f"the server failed to answer ({type(exc).__name__}); see its log")
+
+    # -- pages --------------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def search_page():
+        return FileResponse(str(STATIC / "search.html"), media_type="text/html")
+
+    @app.get("/stats", include_in_schema=False)
+    def stats_page():
+        return FileResponse(str(STATIC / "stats.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    # -- API --------------------------------------------------------------------------------------------------
+    def need_search() -> _Search:
+        if search is None:
+            raise ApiError(503, "search_disabled", "no page index is configured: start the server with --index DIR")
+        return search
+
+    @app.get("/api/status", response_model=StatusResponse, tags=["status"])
+    def status() -> StatusResponse:
+        """What this server can do: search (and over how many pages), the statistics source, the LLM."""
+        return StatusResponse(search_enabled=search is not None,
+                              pages_in_index=len(search.index) if search else None,
+                              model_id=search.index.model_id if search else None,
+                              statistics_source=source.name, llm=None if model is None else repr(model))
+
+    @app.post("/api/search", response_model=SearchResponse, tags=["search"],
+              responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    def search_pages(request: SearchRequest) -> SearchResponse:
+        """The ``k`` pages that best match the query (ColPali MaxSim), best first."""
+        from vision_rag.index import SearchFilter
+        from vision_rag.langchain import PageSourceError, page_text
+
+        s = need_search()
+        if not request.query.strip():
+            raise ApiError(422, "invalid_request", "query: the query is blank")
+        started = time.perf_counter()
+        with s.lock:
+            (query_vectors,) = s.embedder.embed_queries([request.query], progress=False)
+        search_filter = SearchFilter(document_id=request.document_id) if request.document_id else None
+        hits = s.index.search(query_vectors, k=request.k, filter=search_filter)
+        out = []
+        quoted = quote(request.query, safe="")
+        for rank, hit in enumerate(hits, 1):
+            try:
+                text = page_text(hit.page)[:500]
+            except PageSourceError:
+                text = ""
+            base = f"/api/pages/{hit.page_id}"
+            out.append(SearchHit(
+                rank=rank, page_id=hit.page_id, score=hit.score, normalized_score=hit.normalized_score,
+                document_id=hit.page.document_id, document_name=Path(hit.page.source_path).name or hit.page.document_id,
+                page_number=hit.page.page_number + 1, text=text, image_url=f"{base}/image",
+                thumbnail_url=f"{base}/image?size={THUMBNAIL_SIDE}", simmap_url=f"{base}/simmap?query={quoted}"))
+        return SearchResponse(query=request.query, model_id=s.index.model_id, pages_in_index=len(s.index), hits=out,
+                              elapsed_ms=round(1000 * (time.perf_counter() - started), 1))
+
+    png = {"content": {"image/png": {}}, "description": "a PNG image"}
+
+    @app.get("/api/pages/{page_id}/image", response_class=Response, tags=["search"],
+             responses={200: png, 404: {"model": ErrorResponse}, 410: {"model": ErrorResponse}})
+    def page_image_png(page_id: int = PathParam(ge=0, le=2**62),
+                       size: int = Query(1000, ge=32, le=MAX_IMAGE_SIDE, description="longest side in pixels")):
+        """The page image (rendered from its PDF or read from its image file), by page id."""
+        from vision_rag.langchain import PageSourceError, page_image
+
+        s = need_search()
+        page = s.page(page_id)
+
+        def render() -> bytes:
+            try:
+                return _png_bytes(page_image(page, dpi=150, max_side=size))
+            except PageSourceError as e:
+                raise ApiError(410, "page_source_gone", f"page {page_id}: {e}") from None
+
+        return Response(s.png(("image", page_id, size), render), media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=300"})
+
+    @app.get("/api/pages/{page_id}/simmap", response_class=Response, tags=["search"],
+             responses={200: png, 404: {"model": ErrorResponse}})
+    def page_simmap_png(page_id: int = PathParam(ge=0, le=2**62),
+                        query: str = Query(min_length=1, max_length=MAX_QUERY_CHARS)):
+        """Where the query matched on the page: a transparent heat map over the page's image patches
+        (summed similarity of the query tokens per patch, scaled to [0, 1]), to lay over the page image."""
+        from vision_rag.langchain import PageSourceError, page_image
+
+        s = need_search()
+        page = s.page(page_id)
+        if not query.strip():
+            raise ApiError(422, "invalid_request", "query: the query is blank")
+        grid = tuple(s.embedder.patch_grid)
+        n_patches = grid[0] * grid[1]
+
+        def render() -> bytes:
+            with s.lock:
+                (query_vectors,) = s.embedder.embed_queries([query], progress=False)
+                stored = s.index.vectors(page_id)
+                if s.index.settings.pool_factor == 1 and stored.shape[0] >= n_patches:
+                    patches = stored[:n_patches]  # the first tokens of a page are its patches, row-major
+                else:  # pooled tokens lost their positions: embed the page again
+                    try:
+                        image = page_image(page, dpi=150)
+                    except PageSourceError as e:
+                        raise ApiError(410, "page_source_gone", f"page {page_id}: {e}") from None
+                    patches = s.embedder.embed_pages([image], progress=False)[0][:n_patches]
+            return _heat_png(similarity_grid(query_vectors, patches, grid))
+
+        return Response(s.png(("simmap", page_id, query), render), media_type="image/png")
+
+    @app.post("/api/ask", response_model=Answer, tags=["statistics"],
+              responses={422: {"model": ErrorResponse}, 502: {"model": ErrorResponse}})
+    def ask_statistics(request: AskRequest) -> Answer:
+        """A grounded answer: RAG (tables, cited as [Table N]) or RIG (each number checked, footnoted)."""
+        if not request.question.strip():
+            raise ApiError(422, "invalid_request", "question: the question is blank")
+        try:
+            with llm_lock:
+                return ask(request.question, mode=request.mode, source=source, llm=model,
+                           max_new_tokens=max_new_tokens)
+        except GroundingError as e:
+            raise ApiError(502, "upstream_error", f"{type(e).__name__}: {e}") from None
+
+    app.state.search = search
+    app.state.source = source
+    return app
+
+
+def serve(index_dir: str | Path | None = None, store=None, embedder=None, llm=None, *, host: str = "127.0.0.1",
+          port: int = 8000, log_level: str = "info") -> None:
+    """Run the web app with uvicorn (bound to 127.0.0.1 unless ``host`` says otherwise)."""
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: the app has no authentication; anyone who can reach it can use it", host)
+    app = create_app(index_dir, store=store, embedder=embedder, llm=llm)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

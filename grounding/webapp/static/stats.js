@@ -1,0 +1,54 @@
+"use strict";
+
+const form = document.getElementById("ask-form");
+const errorBox = document.getElementById("error");
+const answerBox = document.getElementById("answer");
+
+function cell(value) {
+  if (value === null || value === undefined) return "–";
+  return typeof value === "number" ? value.toLocaleString("en-US", {maximumFractionDigits: 2}) : String(value);
+}
+
+function renderTable(numbered) {
+  const t = numbered.table;
+  const unit = t.unit ? ` (${t.unit})` : "";
+  const source = t.source ? `, according to ${t.source.name}` : "";
+  const table = el("table", {"data-testid": "table"},
+    el("caption", {text: `Table ${numbered.number}: ${t.title}${unit}${source}`}));
+  table.append(el("thead", {}, el("tr", {}, ...t.columns.map((c) => el("th", {text: c})))));
+  table.append(el("tbody", {}, ...t.rows.map((row) => el("tr", {}, ...row.map((v) => el("td", {text: cell(v)}))))));
+  return table;
+}
+
+function renderAnswer(answer) {
+  document.getElementById("answer-text").textContent = answer.text;
+  document.getElementById("footnotes").replaceChildren(...answer.footnotes.map((f) => el("li", {text: f})));
+  const notes = [];
+  if (answer.fallback) notes.push("The tables could not answer; this answer is the model's own, not grounded.");
+  if (answer.invalid_citations.length) notes.push(`Cites tables that do not exist: ${answer.invalid_citations.join(", ")}`);
+  for (const [query, error] of Object.entries(answer.errors)) notes.push(`Lookup failed for “${query}”: ${error}`);
+  document.getElementById("notes").replaceChildren(...notes.map((n) => el("li", {text: n})));
+  const used = answer.tables.filter((t) => !answer.citations.length || answer.citations.includes(t.number));
+  document.getElementById("tables").replaceChildren(...used.map(renderTable));
+  answerBox.hidden = false;
+}
+
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const button = form.querySelector("button");
+  button.disabled = true;
+  showError(errorBox, null);
+  try {
+    renderAnswer(await postJSON("/api/ask", {question: form.question.value, mode: form.mode.value}));
+  } catch (error) {
+    answerBox.hidden = true;
+    showError(errorBox, error);
+  } finally {
+    button.disabled = false;
+  }
+});
+
+fetch("/api/status").then((r) => r.json()).then((status) => {
+  document.getElementById("status").textContent =
+    `Statistics from the ${status.statistics_source} source` + (status.llm ? `, answers by ${status.llm}` : ", stated plainly (no model)");
+}).catch(() => {});

@@ -1,0 +1,40 @@
+"""A tiny page index for the web app tests: the sample PDFs of ``examples/sample_data.py`` plus a PDF whose
+text is markup (to check escaping), embedded by a tiny random ColPali (``tests/vision_rag/tiny_colpali.py``),
+with ``embedder.json`` recorded beside it as ``gemma-ground index`` does."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "tests" / "vision_rag"))
+
+import sample_data  # noqa: E402
+import tiny_colpali  # noqa: E402
+
+MARKUP_TITLE = '<script>alert("x")</script>'  # (a ' would come back as U+2019: Helvetica's StandardEncoding)
+MARKUP_LINE = "<img src=x onerror=alert(1)> & <b>bold</b>"
+
+
+@functools.cache
+def tiny_index() -> tuple[Path, object]:
+    """(index directory, embedder): 6 pages in 3 PDFs, fp32 storage, pool factor 1."""
+    from vision_rag.colpali import ColPaliEmbedder, write_embedder_record
+    from vision_rag.index import Index
+
+    root = Path(tempfile.mkdtemp(prefix="webapp-"))
+    tokenizer = tiny_colpali.paligemma_tokenizer()
+    checkpoint = tiny_colpali.save_colpali(tiny_colpali.hf_colpali(tokenizer, seed=2, image_size=56), tokenizer,
+                                           root / "colpali")
+    embedder = ColPaliEmbedder.load(checkpoint)
+    pdfs = sample_data.write_sample_pdfs(root / "pdfs")
+    pdfs.append(sample_data.write_pdf(root / "pdfs" / "markup.pdf", [(MARKUP_TITLE, [MARKUP_LINE], (0.1, 0.1, 0.1))]))
+    with Index.open(root / "index", create=True, model_id=embedder.model_id, dim=embedder.dim,
+                    storage="fp32") as index:
+        sample_data.index_pdfs(index, embedder, pdfs)
+    write_embedder_record(root / "index", embedder)
+    return root / "index", embedder
