@@ -6,7 +6,7 @@ const answerBox = document.getElementById("answer");
 
 function cell(value) {
   if (value === null || value === undefined) return "–";
-  return typeof value === "number" ? value.toLocaleString("en-US", {maximumFractionDigits: 2}) : String(value);
+  return typeof value === "number" ? value.toLocaleString("en-US", {maximumFractionDigits: 3}) : String(value);
 }
 
 function renderTable(numbered) {
