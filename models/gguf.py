@@ -154,8 +154,9 @@ def _parse(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
     size = path.stat().st_size
     for t in tensors:
         if t.offset + t.nbytes > size:
-            raise GGUFError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte {t.offset + t.nbytes} "
-                            f"but the file has {size} bytes; re-download or re-assemble it")
+            raise GGUFError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte "
+                            f"{t.offset + t.nbytes} but the file has {size} bytes; re-download or "
+                            "re-assemble it")
     with _cache_lock:
         _cached = (identity, metadata, tensors)
     return metadata, tensors
@@ -193,8 +194,10 @@ def _dequantize(path: Path, data: np.memmap, info: GGUFTensorInfo) -> torch.Tens
     except NotImplementedError:
         raise GGUFError(f"{path}: tensor {info.name} has type {info.type_name}, which gguf.quants cannot "
                         "dequantise; convert the model to F32/F16/BF16 or a Q*_0/Q*_K type") from None
-    # Copy: views of F32/F16 data point into the read-only memory map.
-    return torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).reshape(info.shape)
+    values = values.astype(np.float32, copy=False)
+    if not values.flags.writeable:  # F32 data is a view into the read-only memory map: copy it out
+        values = values.copy()
+    return torch.from_numpy(values).reshape(info.shape)
 
 
 # Gemma 2 27B and Gemma 3 27B scale attention by (hidden / heads) ** -0.5 (144, 168), not head_dim ** -0.5.
@@ -225,7 +228,8 @@ def _config_from_metadata(path: Path, metadata: dict[str, Any]) -> GemmaConfig:
             changes["query_pre_attn_scalar"] = config.hidden_size // config.num_attention_heads
         return config.replace(**changes) if changes else config
     except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise GGUFError(f"{path}: metadata does not describe a Gemma decoder ({type(e).__name__}: {e})") from None
+        raise GGUFError(f"{path}: metadata does not describe a Gemma decoder "
+                        f"({type(e).__name__}: {e})") from None
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[GemmaConfig, dict[str, torch.Tensor], dict[str, Any]]:

@@ -127,7 +127,7 @@ class GemmaTokenizer:
         """Text of ``ids``; byte pieces are reassembled into UTF-8 (an incomplete sequence gives U+FFFD)."""
         if isinstance(ids, torch.Tensor):
             if ids.dim() > 1:
-                raise ValueError(f"decode expects one sequence of ids, got a tensor of shape {tuple(ids.shape)}")
+                raise ValueError(f"decode expects one sequence of ids, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
@@ -136,7 +136,8 @@ class GemmaTokenizer:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # -- prompts ------------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            add_generation_prompt: bool = True) -> str:
         """The Gemma chat prompt (without ``<bos>``, which :meth:`encode` adds).
 
         Roles: ``user`` and ``assistant`` (or ``model``), alternating and starting with ``user``.
@@ -144,8 +145,8 @@ class GemmaTokenizer:
         ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts.
         """
         if "start_of_turn" not in self.special_tokens or "end_of_turn" not in self.special_tokens:
-            raise TokenizerError(f"{self.source}: the vocabulary has no <start_of_turn>/<end_of_turn> tokens; "
-                                 "it is not a Gemma chat tokenizer")
+            raise TokenizerError(f"{self.source}: the vocabulary has no <start_of_turn>/<end_of_turn> "
+                                 "tokens; it is not a Gemma chat tokenizer")
         turns = [(str(m.get("role", "")), _message_text(m)) for m in messages]
         if turns and turns[0][0] == "system":
             system = turns.pop(0)[1]
@@ -157,22 +158,23 @@ class GemmaTokenizer:
             role = {"assistant": "model"}.get(role, role)
             expected = "user" if i % 2 == 0 else "model"
             if role != expected:
-                raise TokenizerError(f"message {i} has role {role!r}, expected {expected!r}: roles must alternate "
-                                     "user/assistant starting with user (system only first)")
+                raise TokenizerError(f"message {i} has role {role!r}, expected {expected!r}: roles must "
+                                     "alternate user/assistant starting with user (system only first)")
             parts.append(f"<start_of_turn>{role}\n{text.strip()}<end_of_turn>\n")
         if add_generation_prompt:
             parts.append("<start_of_turn>model\n")
         return "".join(parts)
 
     def fim_prompt(self, prefix: str, suffix: str) -> str:
-        """CodeGemma fill-in-the-middle prompt: ``<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>``.
+        """CodeGemma fill-in-the-middle: ``<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>``.
 
         Generation should stop at :attr:`fim_stop_token_ids`.
         """
-        missing = [_NAMED_TOKENS[n] for n in ("fim_prefix", "fim_suffix", "fim_middle") if n not in self.special_tokens]
+        names = ("fim_prefix", "fim_suffix", "fim_middle")
+        missing = [_NAMED_TOKENS[n] for n in names if n not in self.special_tokens]
         if missing:
-            raise TokenizerError(f"{self.source}: the vocabulary has no {', '.join(missing)}; fill-in-the-middle "
-                                 "needs a CodeGemma tokenizer")
+            raise TokenizerError(f"{self.source}: the vocabulary has no {', '.join(missing)}; "
+                                 "fill-in-the-middle needs a CodeGemma tokenizer")
         return f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
 
 
@@ -187,7 +189,8 @@ def _message_text(message: Mapping[str, Any]) -> str:
                 raise TokenizerError(f"only text content parts are supported in chat messages, got {part!r}")
             texts.append(str(part.get("text", "")))
         return "".join(texts)
-    raise TokenizerError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
+    raise TokenizerError("message content must be a string or a list of text parts, "
+                         f"got {type(content).__name__}")
 
 
 # -- building from a vocabulary ---------------------------------------------------------------------
@@ -232,14 +235,19 @@ def tokenizer_from_vocabulary(pieces: Sequence[str], types: Sequence[int] | None
     vocab: dict[str, int] = {}
     for i, piece in enumerate(pieces):
         vocab.setdefault(piece, i)  # a duplicated piece keeps its best (first) rank
-    unk = next((p for p, t in zip(pieces, types, strict=True) if t == UNKNOWN), "<unk>" if "<unk>" in vocab else None)
+    unk = next((p for p, t in zip(pieces, types, strict=True) if t == UNKNOWN),
+               "<unk>" if "<unk>" in vocab else None)
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=derive_merges(pieces, mergeable), unk_token=unk,
                               fuse_unk=True, byte_fallback=True))
     replace = normalizers.Replace(" ", SPACE)
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if add_space_prefix else replace
-    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-                                          + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
-    special = [AddedToken(p, special=True, normalized=False) for p, t in zip(pieces, types, strict=True) if t in (CONTROL, UNKNOWN)]
+    decode = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:  # a dummy "▁" in front of the text, removed again when decoding
+        replace = normalizers.Sequence([normalizers.Prepend(SPACE), replace])
+        decode.append(decoders.Strip(" ", 1, 0))
+    tokenizer.normalizer = replace
+    tokenizer.decoder = decoders.Sequence(decode)
+    special = [AddedToken(p, special=True, normalized=False)
+               for p, t in zip(pieces, types, strict=True) if t in (CONTROL, UNKNOWN)]
     user = [AddedToken(p, special=False, normalized=False)
             for p, t, ws in zip(pieces, types, whitespace_run, strict=True) if t == USER_DEFINED and not ws]
     tokenizer.add_special_tokens(special)
@@ -257,25 +265,27 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "GGU
     model = metadata.get("tokenizer.ggml.model")
     pieces = metadata.get("tokenizer.ggml.tokens")
     if pieces is None:
-        raise TokenizerError(f"{source}: no tokenizer.ggml.tokens in the GGUF metadata (no vocabulary stored)")
+        raise TokenizerError(f"{source}: no tokenizer.ggml.tokens in the GGUF metadata (no vocabulary)")
     if model != "llama":
         raise TokenizerError(f"{source}: tokenizer.ggml.model is {model!r}; only SentencePiece vocabularies "
                              "('llama', as written for Gemma) are supported")
     if metadata.get("tokenizer.ggml.merges"):
-        raise TokenizerError(f"{source}: the GGUF stores explicit BPE merges, which Gemma vocabularies never do; "
-                             "this is not a Gemma tokenizer")
+        raise TokenizerError(f"{source}: the GGUF stores explicit BPE merges, which Gemma vocabularies "
+                             "never do; this is not a Gemma tokenizer")
     types = metadata.get("tokenizer.ggml.token_type")
 
-    def piece(key: str, default: int) -> str:
+    def special_id(key: str, default: int) -> int:
         index = int(metadata.get(f"tokenizer.ggml.{key}", default))
         if not 0 <= index < len(pieces):
             raise TokenizerError(f"{source}: tokenizer.ggml.{key} = {index} is outside the vocabulary")
-        return pieces[index]
+        return index
 
-    bos, eos, pad, unk = piece("bos_token_id", 2), piece("eos_token_id", 1), piece("padding_token_id", 0), \
-        piece("unknown_token_id", 3)
+    bos_id = special_id("bos_token_id", 2)
+    eos_id, pad_id, unk_id = (special_id("eos_token_id", 1), special_id("padding_token_id", 0),
+                              special_id("unknown_token_id", 3))
+    bos, eos, pad, unk = (_sentencepiece_spelling(pieces[i]) for i in (bos_id, eos_id, pad_id, unk_id))
     backend = tokenizer_from_vocabulary(
-        pieces, types, bos_id=pieces.index(bos), add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
+        pieces, types, bos_id=bos_id, add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
         add_space_prefix=bool(metadata.get("tokenizer.ggml.add_space_prefix", False)))
     return GemmaTokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk, source=source)
 
@@ -379,7 +389,8 @@ def _from_sentencepiece_model(path: Path) -> GemmaTokenizer:
                              "collapsing), which the conversion does not reproduce; use its tokenizer.json")
     if not trainer.get(_TRAINER_BYTE_FALLBACK, 0):
         raise TokenizerError(f"{path}: a SentencePiece model without byte fallback; Gemma tokenizers have it")
-    ids = {role: _int32(trainer.get(number, _TRAINER_ID_DEFAULTS[role])) for role, number in _TRAINER_IDS.items()}
+    ids = {role: _int32(trainer.get(number, _TRAINER_ID_DEFAULTS[role]))
+           for role, number in _TRAINER_IDS.items()}
     names = {f"{role}_token": pieces[i] for role, i in ids.items() if 0 <= i < len(pieces)}
     backend = tokenizer_from_vocabulary(pieces, types, bos_id=ids["bos"] if ids["bos"] >= 0 else None,
                                         add_space_prefix=bool(normalizer.get(_NORMALIZER_DUMMY_PREFIX, 1)))
@@ -391,8 +402,8 @@ def load_tokenizer(source: str | os.PathLike) -> GemmaTokenizer:
     ``tokenizer.json`` file, a SentencePiece ``.model`` file, or a ``.gguf`` file's vocabulary."""
     path = Path(os.fspath(source)).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such tokenizer source (expected a directory with tokenizer.json, "
-                                "a tokenizer.json file or a .gguf file)")
+        raise FileNotFoundError(f"{path}: no such tokenizer source (expected a directory with "
+                                "tokenizer.json, a tokenizer.json file or a .gguf file)")
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return _from_tokenizer_json(path / "tokenizer.json", path)
@@ -410,4 +421,5 @@ def load_tokenizer(source: str | os.PathLike) -> GemmaTokenizer:
         return _from_sentencepiece_model(path)
     if path.suffix.lower() == ".json":
         return _from_tokenizer_json(path, path.parent)
-    raise TokenizerError(f"{path}: unrecognised tokenizer file; pass a tokenizer.json, tokenizer.model or .gguf")
+    raise TokenizerError(f"{path}: unrecognised tokenizer file; pass a tokenizer.json, tokenizer.model "
+                         "or .gguf file")

@@ -47,8 +47,8 @@ def llama_cpp_name(hf_key: str, arch: str) -> str:
 
 def hf_tiny(arch: str, seed: int = 0, layers: int = 6, layer_types=None, local_base: float = 10_000.0):
     kw = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
-              num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM, max_position_embeddings=64,
-              pad_token_id=0, eos_token_id=1, bos_token_id=2, rms_norm_eps=1e-6)
+              num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM,
+              max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2, rms_norm_eps=1e-6)
     if arch == "gemma":
         config = transformers.GemmaConfig(**kw, hidden_activation="gelu_pytorch_tanh", rope_theta=10_000.0)
         cls = transformers.GemmaForCausalLM
@@ -162,8 +162,9 @@ def test_gemma3_layer_pattern_and_local_rope_base_from_metadata(tmp_path):
     types = ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
     ref = hf_tiny("gemma3", layers=4, layer_types=types, local_base=300.0)
     path = tmp_path / "g3.gguf"
-    write_gguf(path, "gemma3", ref, extra={"add_sliding_window_pattern": [t == "sliding_attention" for t in types],
-                                          "add_rope_freq_base_swa": 300.0})
+    pattern = [t == "sliding_attention" for t in types]
+    extra = {"add_sliding_window_pattern": pattern, "add_rope_freq_base_swa": 300.0}
+    write_gguf(path, "gemma3", ref, extra=extra)
     ours = load_gguf_model(path)
     assert ours.config.layer_types == types and ours.config.rope_local_base_freq == 300.0
     assert_logits_match(ref, ours)
@@ -230,7 +231,8 @@ def test_tensor_type_that_cannot_be_dequantised(tmp_path):
     path = tmp_path / "q8_1.gguf"
     # One tensor in Q8_1 (blocks of 32 values in 40 bytes), which gguf.quants cannot decode.
     q8_1 = np.zeros((INTER, HIDDEN // 32 * 40), dtype=np.uint8)
-    write_gguf(path, "gemma", ref, raw={"model.layers.0.mlp.up_proj.weight": (q8_1, gguf.GGMLQuantizationType.Q8_1)})
+    raw = {"model.layers.0.mlp.up_proj.weight": (q8_1, gguf.GGMLQuantizationType.Q8_1)}
+    write_gguf(path, "gemma", ref, raw=raw)
     with pytest.raises(GGUFError, match=r"blk\.0\.ffn_up\.weight has type Q8_1"):
         load_gguf_model(path)
 

@@ -48,12 +48,14 @@ def test_logits_match_transformers_from_the_same_gguf(gemma3_270m_model, hf_gemm
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)  # every position, not only the last
 
 
-def test_greedy_continuation_matches_transformers(gemma3_270m_model, hf_gemma3_270m_model, gemma3_270m_tokenizer):
+def test_greedy_continuation_matches_transformers(gemma3_270m_model, hf_gemma3_270m_model,
+                                                  gemma3_270m_tokenizer):
     prompt = gemma3_270m_tokenizer.encode("The capital of France is")
     ours = generate_ids(gemma3_270m_model, [prompt], max_new_tokens=20)[0]
+    ids = torch.tensor([prompt])
     with torch.no_grad():
-        reference = hf_gemma3_270m_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                                                  dtype=torch.long), max_new_tokens=20, do_sample=False)
+        reference = hf_gemma3_270m_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
+                                                  do_sample=False)
     reference = reference[0, len(prompt):].tolist()
     assert len(reference) == 20
     assert ours == reference

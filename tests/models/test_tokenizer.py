@@ -66,7 +66,8 @@ def test_reference_ids(gemma3_270m_tokenizer):
     tok = gemma3_270m_tokenizer
     assert tok.encode("The quick brown fox jumps over the lazy dog.")[:11] == \
         [2, 818, 3823, 8864, 37423, 38167, 1024, 506, 31770, 4799, 236761]
-    assert tok.encode("<start_of_turn>user\nHi<end_of_turn>\n", add_bos=False) == [105, 2364, 107, 10979, 106, 107]
+    chat = "<start_of_turn>user\nHi<end_of_turn>\n"
+    assert tok.encode(chat, add_bos=False) == [105, 2364, 107, 10979, 106, 107]
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (2, 1, 0, 262144)
     assert tok.stop_token_ids == [1, 106]
     assert tok.special_tokens["start_of_turn"] == 105 and tok.special_tokens["end_of_turn"] == 106
@@ -128,7 +129,8 @@ def test_fim_needs_codegemma_tokens(gemma3_270m_tokenizer):
         gemma3_270m_tokenizer.fim_prompt("def f(", "):")
 
 
-def test_saved_tokenizer_json_loads_back_to_the_same_ids(gemma3_270m_tokenizer, hf_gemma3_270m_tokenizer, tmp_path):
+def test_saved_tokenizer_json_loads_back_to_the_same_ids(gemma3_270m_tokenizer, hf_gemma3_270m_tokenizer,
+                                                          tmp_path):
     ours_dir, hf_dir = tmp_path / "ours", tmp_path / "hf"
     ours_dir.mkdir()
     hf_dir.mkdir()
@@ -210,15 +212,17 @@ def train_sentencepiece(tmp_path, **overrides):
     import sentencepiece
 
     options = dict(model_type="bpe", vocab_size=400, hard_vocab_limit=False, byte_fallback=True,
-                   normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
+                   normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+                   split_digits=True,
                    pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-                   bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+                   bos_piece="<bos>", unk_piece="<unk>",
+                   user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
                    character_coverage=1.0, minloglevel=2)
     options.update(overrides)
     directory = tmp_path / "sp"
     directory.mkdir(exist_ok=True)
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(directory / "tokenizer"),
-                                             **options)
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS),
+                                             model_prefix=str(directory / "tokenizer"), **options)
     return directory, sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
 
 
@@ -234,7 +238,8 @@ def test_sentencepiece_model_matches_sentencepiece(tmp_path):
 
 
 def test_sentencepiece_models_gemma_does_not_use_are_refused(tmp_path):
-    directory, _ = train_sentencepiece(tmp_path, normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True)
+    directory, _ = train_sentencepiece(tmp_path, normalization_rule_name="nmt_nfkc",
+                                       remove_extra_whitespaces=True)
     with pytest.raises(TokenizerError, match="normalises text"):
         load_tokenizer(directory / "tokenizer.model")
     directory, _ = train_sentencepiece(tmp_path, model_type="unigram")
