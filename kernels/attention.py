@@ -343,15 +343,18 @@ else:  # pragma: no cover
     _prefill_kernel = None
 
 
-def _prefill_config(head_dim_block: int, on_gpu: bool) -> dict:
+def _prefill_config(head_dim_block: int, on_gpu: bool, fp32: bool = False) -> dict:
     """Tile sizes and launch parameters per padded head dim.
 
-    On a GPU the tiles are sized for Hopper/Ampere shared memory (q tile + double-buffered k/v tiles +
-    fp32 accumulator); under the interpreter 32x32 tiles keep the Python loop short and still make
-    the odd test lengths (33, 130) straddle several tiles.
+    On a GPU the tiles are sized so that the q tile, the pipelined k/v tiles and the layout
+    conversions fit Ampere's and Hopper's shared memory (fp32 inputs take twice the bytes, so
+    smaller tiles); under the interpreter 32x32 tiles keep the Python loop short and still make the
+    odd test lengths (33, 130) straddle several tiles.
     """
     if not on_gpu:
         return dict(BLOCK_M=32, BLOCK_N=32)
+    if fp32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if head_dim_block <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if head_dim_block <= 128:
@@ -372,7 +375,7 @@ def attention_prefill_triton(q, k, v, *, scale=None, causal=True, window=None, s
     offset, lens, prefix = _row_params(q, k, prefix_lens, q_offset, kv_lens)
     flags = _kernel_flags(causal, window, softcap, prefix_lens, scale, head_dim)
     block_d = max(triton.next_power_of_2(head_dim), MIN_HEAD_DIM)
-    config = _prefill_config(block_d, q.is_cuda)
+    config = _prefill_config(block_d, q.is_cuda, fp32=q.dtype == torch.float32)
     grid = (triton.cdiv(q_len, config["BLOCK_M"]), batch * q_heads)
     _prefill_kernel[grid](
         q, k, v, out, offset, lens, prefix,
