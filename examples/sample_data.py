@@ -5,6 +5,7 @@ ones, but their rankings and answers are meaningless — pass real checkpoints t
     write_sample_pdfs(folder)          -> two PDFs (an invoice, a report) with text and coloured shapes
     write_tiny_colpali(folder)         -> a ColPali checkpoint directory (config.json, safetensors, tokenizer)
     write_tiny_paligemma(folder)       -> a PaliGemma checkpoint directory
+    write_tiny_gemma(folder)           -> a Gemma 3 chat checkpoint directory (Gemma chat template tokens)
     index_pdfs(index, embedder, paths) -> render every page and add it to a vision_rag index
 """
 
@@ -139,11 +140,39 @@ def write_tiny_colpali(folder: str | Path, *, seed: int = 0, image_size: int = 5
 
 def write_tiny_paligemma(folder: str | Path, *, seed: int = 1, image_size: int = 28) -> Path:
     """A random PaliGemma checkpoint (generates text: its answers are noise)."""
+    import torch
+
     from models.paligemma import PaliGemma, PaliGemmaConfig
 
     tokenizer, vocab = _paligemma_tokenizer()
     config = _tiny_paligemma_config(vocab, image_size)
-    return _save(_randomise(PaliGemma(PaliGemmaConfig.from_hf(config)), seed), config, tokenizer, Path(folder))
+    model = _randomise(PaliGemma(PaliGemmaConfig.from_hf(config)), seed)
+    with torch.no_grad():  # never emits <pad> <eos> <bos> <unk> or a newline (tied head): always some text
+        next(p for name, p in model.named_parameters() if name.endswith("embed_tokens.weight"))[:5] = 0
+    return _save(model, config, tokenizer, Path(folder))
+
+
+def write_tiny_gemma(folder: str | Path, *, seed: int = 3) -> Path:
+    """A random Gemma 3 text model with a tokenizer that has the chat template tokens."""
+    import torch
+
+    from models.config import GemmaConfig
+    from models.gemma import GemmaLM
+    from models.loading import init_random_weights
+    from models.tokenizer import CONTROL, NORMAL, UNKNOWN, tokenizer_from_vocabulary
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    normal = list(dict.fromkeys(["\u2581", *"abcdefghijklmnopqrstuvwxyz0123456789.,?"]
+                                + ["\u2581" + w for w in WORDS] + WORDS))
+    tokenizer = tokenizer_from_vocabulary(specials + normal, [CONTROL, CONTROL, CONTROL, UNKNOWN, CONTROL, CONTROL]
+                                          + [NORMAL] * len(normal), bos_id=2)
+    config = GemmaConfig(architecture="gemma3", vocab_size=len(specials) + len(normal), hidden_size=64,
+                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=32, max_position_embeddings=2048, query_pre_attn_scalar=32, sliding_window=64)
+    model = init_random_weights(GemmaLM(config), seed=seed, std=0.02)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:len(specials)] = 0  # never emits control tokens: always some text
+    return _save(model, config.to_hf(), tokenizer, Path(folder))
 
 
 def index_pdfs(index, embedder, paths: list[str | Path], *, dpi: int = 50) -> list[int]:
