@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import time
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -226,3 +227,40 @@ def test_app_settings_errors_and_cli(tmp_path):
     register(parser.add_subparsers())
     args = parser.parse_args(["serve", "--index", str(index_dir)])
     assert args.host == "127.0.0.1" and args.port == 8000 and callable(args.func)
+
+
+def test_serve_command_runs_a_real_server_on_loopback(tmp_path):
+    """``serve`` as the CLI runs it (parse + func) in a subprocess: a uvicorn server on 127.0.0.1 only."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    index_dir, _ = tiny_index()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = ("import argparse, sys; from grounding.webapp.cli import register; p = argparse.ArgumentParser(); "
+              "register(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+    process = subprocess.Popen([sys.executable, "-c", script, "serve", "--index", str(index_dir), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=2) as response:
+                    status = json.load(response)
+                break
+            except OSError:
+                assert process.poll() is None, process.stdout.read()
+                assert time.monotonic() < deadline, "gemma-ground serve did not start"
+                time.sleep(0.2)
+        assert status["search_enabled"] and status["pages_in_index"] == 6
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert [line.split()[3] for line in listening.splitlines()] == [f"127.0.0.1:{port}"]  # local address
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
