@@ -12,6 +12,10 @@ piece whose two halves are pieces is a merge, ranked by the piece's position (ea
 first, as in SentencePiece, whose pieces are stored by decreasing score). GGUF stores runs of spaces
 with real spaces where SentencePiece writes ``▁``; they are respelled.
 
+A SentencePiece ``tokenizer.model`` is converted the same way from its pieces, read with a small
+protobuf wire-format reader (no protobuf runtime, no sentencepiece, nothing unpickled). Models that
+normalise text (NFKC, whitespace collapsing) or add a dummy prefix are refused: Gemma's do neither.
+
 :meth:`GemmaTokenizer.apply_chat_template` returns the prompt text **without** ``<bos>``:
 ``encode(text)`` adds it.
 """
@@ -218,13 +222,13 @@ def derive_merges(pieces: Sequence[str], mergeable: Sequence[bool]) -> list[tupl
 
 
 def tokenizer_from_vocabulary(pieces: Sequence[str], types: Sequence[int] | None = None, *,
-                              bos_id: int | None = None, add_bos: bool = True,
-                              add_space_prefix: bool = False) -> Tokenizer:
+                              bos_id: int | None = None, add_bos: bool = True) -> Tokenizer:
     """A ``tokenizers`` BPE tokenizer for a rank-ordered SentencePiece BPE vocabulary with byte fallback.
 
     ``types`` are SentencePiece piece types (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
     6 byte). Control and unknown pieces become special added tokens; user-defined pieces become
     (non-special) added tokens matched whole, except whitespace runs, which BPE builds from ``▁``.
+    Like Gemma's, the tokenizer adds no dummy prefix (no ``▁`` in front of the text).
     """
     pieces = [_sentencepiece_spelling(p) for p in pieces]
     types = list(types) if types is not None else [NORMAL] * len(pieces)
@@ -239,13 +243,9 @@ def tokenizer_from_vocabulary(pieces: Sequence[str], types: Sequence[int] | None
                "<unk>" if "<unk>" in vocab else None)
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=derive_merges(pieces, mergeable), unk_token=unk,
                               fuse_unk=True, byte_fallback=True))
-    replace = normalizers.Replace(" ", SPACE)
-    decode = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_space_prefix:  # a dummy "▁" in front of the text, removed again when decoding
-        replace = normalizers.Sequence([normalizers.Prepend(SPACE), replace])
-        decode.append(decoders.Strip(" ", 1, 0))
-    tokenizer.normalizer = replace
-    tokenizer.decoder = decoders.Sequence(decode)
+    tokenizer.normalizer = normalizers.Replace(" ", SPACE)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
+                                           decoders.Fuse()])
     special = [AddedToken(p, special=True, normalized=False)
                for p, t in zip(pieces, types, strict=True) if t in (CONTROL, UNKNOWN)]
     user = [AddedToken(p, special=False, normalized=False)
@@ -272,6 +272,9 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "GGU
     if metadata.get("tokenizer.ggml.merges"):
         raise TokenizerError(f"{source}: the GGUF stores explicit BPE merges, which Gemma vocabularies "
                              "never do; this is not a Gemma tokenizer")
+    if metadata.get("tokenizer.ggml.add_space_prefix", False):
+        raise TokenizerError(f"{source}: the vocabulary wants a dummy space prefix, which Gemma tokenizers "
+                             "never use; this is not a Gemma tokenizer")
     types = metadata.get("tokenizer.ggml.token_type")
 
     def special_id(key: str, default: int) -> int:
@@ -284,9 +287,8 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "GGU
     eos_id, pad_id, unk_id = (special_id("eos_token_id", 1), special_id("padding_token_id", 0),
                               special_id("unknown_token_id", 3))
     bos, eos, pad, unk = (_sentencepiece_spelling(pieces[i]) for i in (bos_id, eos_id, pad_id, unk_id))
-    backend = tokenizer_from_vocabulary(
-        pieces, types, bos_id=bos_id, add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
-        add_space_prefix=bool(metadata.get("tokenizer.ggml.add_space_prefix", False)))
+    backend = tokenizer_from_vocabulary(pieces, types, bos_id=bos_id,
+                                        add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", True)))
     return GemmaTokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk, source=source)
 
 
@@ -387,13 +389,16 @@ def _from_sentencepiece_model(path: Path) -> GemmaTokenizer:
     if name != "identity" or normalizer.get(_NORMALIZER_REMOVE_SPACES, 1):
         raise TokenizerError(f"{path}: this SentencePiece model normalises text (rule {name!r}, whitespace "
                              "collapsing), which the conversion does not reproduce; use its tokenizer.json")
+    if normalizer.get(_NORMALIZER_DUMMY_PREFIX, 1):
+        raise TokenizerError(f"{path}: this SentencePiece model adds a dummy space prefix, which Gemma "
+                             "tokenizers never do and the conversion does not reproduce; use its "
+                             "tokenizer.json")
     if not trainer.get(_TRAINER_BYTE_FALLBACK, 0):
         raise TokenizerError(f"{path}: a SentencePiece model without byte fallback; Gemma tokenizers have it")
     ids = {role: _int32(trainer.get(number, _TRAINER_ID_DEFAULTS[role]))
            for role, number in _TRAINER_IDS.items()}
     names = {f"{role}_token": pieces[i] for role, i in ids.items() if 0 <= i < len(pieces)}
-    backend = tokenizer_from_vocabulary(pieces, types, bos_id=ids["bos"] if ids["bos"] >= 0 else None,
-                                        add_space_prefix=bool(normalizer.get(_NORMALIZER_DUMMY_PREFIX, 1)))
+    backend = tokenizer_from_vocabulary(pieces, types, bos_id=ids["bos"] if ids["bos"] >= 0 else None)
     return GemmaTokenizer(backend, source=str(path), **names)
 
 

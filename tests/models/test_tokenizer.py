@@ -242,6 +242,9 @@ def test_sentencepiece_models_gemma_does_not_use_are_refused(tmp_path):
                                        remove_extra_whitespaces=True)
     with pytest.raises(TokenizerError, match="normalises text"):
         load_tokenizer(directory / "tokenizer.model")
+    directory, _ = train_sentencepiece(tmp_path, add_dummy_prefix=True)
+    with pytest.raises(TokenizerError, match="dummy space prefix"):
+        load_tokenizer(directory)
     directory, _ = train_sentencepiece(tmp_path, model_type="unigram")
     with pytest.raises(TokenizerError, match="unigram"):
         load_tokenizer(directory)
