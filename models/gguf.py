@@ -138,6 +138,10 @@ def _parse(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
                             "package cannot read it: upgrade gguf or re-quantise the model") from None
         raise GGUFError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e}); "
                         "re-download or re-assemble it") from None
+    if reader.byte_order == "S":  # the file's byte order is the opposite of this machine's
+        # Tensor data is decoded below from the raw bytes in the host's byte order.
+        raise GGUFError(f"{path}: the file's byte order is the opposite of this machine's; convert it with "
+                        "gguf-convert-endian")
     metadata: dict[str, Any] = {}
     for key, field in reader.fields.items():
         try:

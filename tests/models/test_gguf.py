@@ -252,3 +252,16 @@ def test_unknown_tensor_type_id(tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(GGUFError, match="unknown ggml type"):
         load_gguf_model(bad)
+
+
+def test_other_byte_order(tmp_path):
+    path = tmp_path / "big_endian.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma", endianess=gguf.GGUFEndian.BIG)
+    writer.add_block_count(1)
+    writer.add_tensor("output_norm.weight", np.ones(32, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFError, match="byte order"):
+        read_gguf(path)
