@@ -36,15 +36,22 @@ class AttentionArgumentError(ValueError):
     """Arguments that no attention implementation accepts (raised before anything is launched)."""
 
 
+def _check_row_arg(value, batch: int, name: str) -> None:
+    """A per-row argument is None, an int (every row) or a 1-D integer tensor of length ``batch``."""
+    if value is None or isinstance(value, int):
+        return
+    if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.shape[0] != batch:
+        raise AttentionArgumentError(f"{name} must be an int or a 1-D tensor of length batch={batch}")
+    if value.dtype.is_floating_point or value.dtype == torch.bool:
+        raise AttentionArgumentError(f"{name} must hold integers, got {value.dtype}")
+
+
 def _as_row_tensor(value, batch: int, device, name: str) -> torch.Tensor | None:
+    _check_row_arg(value, batch, name)
     if value is None:
         return None
     if isinstance(value, int):
         return torch.full((batch,), value, dtype=torch.int64, device=device)
-    if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.shape[0] != batch:
-        raise AttentionArgumentError(f"{name} must be an int or a 1-D tensor of length batch={batch}")
-    if value.dtype.is_floating_point:
-        raise AttentionArgumentError(f"{name} must hold integers, got {value.dtype}")
     return value.to(device=device, dtype=torch.int64)
 
 
@@ -165,9 +172,8 @@ def validate_kernel_args(q, k, v, *, window=None, softcap=None, prefix_lens=None
                          kv_lens=None) -> None:
     """Everything the reference checks plus what only the kernels need; raises before any launch."""
     validate_attention_args(q, k, v, window=window, softcap=softcap)
-    batch = q.shape[0]
     for name, value in (("prefix_lens", prefix_lens), ("q_offset", q_offset), ("kv_lens", kv_lens)):
-        _as_row_tensor(value, batch, q.device, name)
+        _check_row_arg(value, q.shape[0], name)
     head_dim = q.shape[3]
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise AttentionArgumentError(
@@ -188,13 +194,25 @@ def _interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-def _row_params(q, k, prefix_lens, q_offset, kv_lens):
-    """Per-row int32 tensors the kernels read: query start position, valid KV length, prefix length."""
-    batch, device = q.shape[0], q.device
-    offset = _as_row_tensor(q_offset, batch, device, "q_offset").to(torch.int32)
-    lens = _as_row_tensor(kv_lens if kv_lens is not None else k.shape[2], batch, device, "kv_lens")
-    prefix = _as_row_tensor(prefix_lens if prefix_lens is not None else 0, batch, device, "prefix_lens")
-    return offset.contiguous(), lens.to(torch.int32).contiguous(), prefix.to(torch.int32).contiguous()
+def _row_args(q, k, prefix_lens, q_offset, kv_lens) -> dict:
+    """Kernel arguments for the per-row values (query start, valid KV length, prefix length).
+
+    An int (the same for every row) goes by value with its ``ROWS_*`` flag off, so a decode step
+    builds no tensor and launches nothing but the kernels; a per-row tensor goes by pointer (any
+    integer dtype, read as int32). ``q`` stands in as the pointer a kernel never reads.
+    """
+    kv_len = k.shape[2]
+    args = {}
+    for name, value, default in (("q_offset", q_offset, 0), ("kv_lens", kv_lens, kv_len),
+                                 ("prefix", prefix_lens, 0)):
+        value = default if value is None else value
+        per_row = isinstance(value, torch.Tensor)
+        if name == "kv_lens" and not per_row:
+            value = min(int(value), kv_len)  # keys past the tensor do not exist
+        args[name.upper()] = value.to(q.device) if per_row else q
+        args[f"{name}_all"] = 0 if per_row else int(value)
+        args[f"ROWS_{name.upper()}"] = per_row
+    return args
 
 
 def _kernel_flags(causal, window, softcap, prefix_lens, scale, head_dim):
@@ -245,6 +263,18 @@ if triton is not None:
         return mask
 
     @triton.jit
+    def _row_values(Q_OFFSET, KV_LENS, PREFIX, b, q_offset, kv_len, prefix, kv_len_total,
+                    ROWS_Q_OFFSET: tl.constexpr, ROWS_KV_LENS: tl.constexpr, ROWS_PREFIX: tl.constexpr):
+        """Row ``b``'s query start, valid KV length (never past the tensor) and prefix length."""
+        if ROWS_Q_OFFSET:
+            q_offset = tl.load(Q_OFFSET + b).to(tl.int32)
+        if ROWS_KV_LENS:
+            kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), kv_len_total)
+        if ROWS_PREFIX:
+            prefix = tl.load(PREFIX + b).to(tl.int32)
+        return q_offset, kv_len, prefix
+
+    @triton.jit
     def _key_range(first_pos, last_pos, kv_len, prefix, window, CAUSAL: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr):
         """Keys ``[lo, hi)`` that queries at positions ``first_pos..last_pos`` can see at all."""
@@ -262,15 +292,17 @@ if triton is not None:
 
     @triton.jit
     def _prefill_kernel(
-        Q, K, V, OUT, Q_OFFSET, KV_LENS, PREFIX_LENS,
+        Q, K, V, OUT, Q_OFFSET, KV_LENS, PREFIX,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
         q_len, kv_len_total, q_heads, group, qk_scale, softcap_log2, window,
+        q_offset_all, kv_lens_all, prefix_all,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_PREFIX: tl.constexpr, FP32: tl.constexpr,
+        ROWS_Q_OFFSET: tl.constexpr, ROWS_KV_LENS: tl.constexpr, ROWS_PREFIX: tl.constexpr,
     ):
         """One program: BLOCK_M queries of one (row, query head), streaming its KV head's keys in
         BLOCK_N tiles with an online softmax (FlashAttention-2 forward)."""
@@ -287,9 +319,8 @@ if triton is not None:
         d_valid = offs_d < HEAD_DIM  # head dims like 72 live in a 128-wide padded tile
         m_valid = offs_m < q_len
 
-        q_offset = tl.load(Q_OFFSET + b)
-        kv_len = tl.minimum(tl.load(KV_LENS + b), kv_len_total)
-        prefix = tl.load(PREFIX_LENS + b)
+        q_offset, kv_len, prefix = _row_values(Q_OFFSET, KV_LENS, PREFIX, b, q_offset_all, kv_lens_all, prefix_all,
+                                               kv_len_total, ROWS_Q_OFFSET, ROWS_KV_LENS, ROWS_PREFIX)
         qpos = q_offset + offs_m
 
         q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
@@ -372,17 +403,17 @@ def attention_prefill_triton(q, k, v, *, scale=None, causal=True, window=None, s
     out = torch.empty_like(q)
     if q_len == 0 or batch == 0:
         return out
-    offset, lens, prefix = _row_params(q, k, prefix_lens, q_offset, kv_lens)
+    rows = _row_args(q, k, prefix_lens, q_offset, kv_lens)
     flags = _kernel_flags(causal, window, softcap, prefix_lens, scale, head_dim)
     block_d = max(triton.next_power_of_2(head_dim), MIN_HEAD_DIM)
     config = _prefill_config(block_d, q.is_cuda, fp32=q.dtype == torch.float32)
     grid = (triton.cdiv(q_len, config["BLOCK_M"]), batch * q_heads)
     _prefill_kernel[grid](
-        q, k, v, out, offset, lens, prefix,
+        q, k, v, out, rows.pop("Q_OFFSET"), rows.pop("KV_LENS"), rows.pop("PREFIX"),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         q_len, kv_len, q_heads, q_heads // kv_heads, flags.pop("qk_scale"), flags.pop("softcap_log2"),
-        flags.pop("window"),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, FP32=q.dtype == torch.float32, **flags, **config,
+        flags.pop("window"), rows.pop("q_offset_all"), rows.pop("kv_lens_all"), rows.pop("prefix_all"),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, FP32=q.dtype == torch.float32, **flags, **rows, **config,
     )
     return out
 

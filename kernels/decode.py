@@ -20,7 +20,7 @@ from .attention import (
     AttentionArgumentError,
     _as_row_tensor,
     _kernel_flags,
-    _row_params,
+    _row_args,
     triton,
     validate_attention_args,
     validate_kernel_args,
@@ -29,7 +29,7 @@ from .attention import (
 if triton is not None:
     import triton.language as tl
 
-    from .attention import _key_range, _scores, _visible
+    from .attention import _key_range, _row_values, _scores, _visible
 
 __all__ = ["decode_attention", "decode_attention_reference", "decode_attention_triton"]
 
@@ -77,14 +77,16 @@ if triton is not None:
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, PART_O, PART_M, PART_L, Q_OFFSET, KV_LENS, PREFIX_LENS,
+        Q, K, V, PART_O, PART_M, PART_L, Q_OFFSET, KV_LENS, PREFIX,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         kv_len_total, q_heads, kv_heads, group, num_splits, chunk, qk_scale, softcap_log2, window,
+        q_offset_all, kv_lens_all, prefix_all,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_PREFIX: tl.constexpr, FP32: tl.constexpr,
+        ROWS_Q_OFFSET: tl.constexpr, ROWS_KV_LENS: tl.constexpr, ROWS_PREFIX: tl.constexpr,
     ):
         """One program: every query head of one KV head of one row, over one chunk of its keys."""
         pid_bh = tl.program_id(0)
@@ -100,9 +102,8 @@ if triton is not None:
         d_valid = offs_d < HEAD_DIM
         heads = kv_h * group + offs_g
 
-        pos = tl.load(Q_OFFSET + b)
-        kv_len = tl.minimum(tl.load(KV_LENS + b), kv_len_total)
-        prefix = tl.load(PREFIX_LENS + b)
+        pos, kv_len, prefix = _row_values(Q_OFFSET, KV_LENS, PREFIX, b, q_offset_all, kv_lens_all, prefix_all,
+                                          kv_len_total, ROWS_Q_OFFSET, ROWS_KV_LENS, ROWS_PREFIX)
         lo, hi = _key_range(pos, pos, kv_len, prefix, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
         start = lo + split * chunk
         end = tl.minimum(start + chunk, hi)
@@ -195,7 +196,7 @@ def decode_attention_triton(q, k, v, *, scale=None, causal=True, window=None, so
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    offset, lens, prefix = _row_params(q, k, prefix_lens, q_offset, kv_lens)
+    rows = _row_args(q, k, prefix_lens, q_offset, kv_lens)
     flags = _kernel_flags(causal, window, softcap, prefix_lens, scale, head_dim)
     block_d = max(triton.next_power_of_2(head_dim), MIN_HEAD_DIM)
     block_n = (64 if head_dim <= 128 else 32) if q.is_cuda else 32
@@ -213,12 +214,12 @@ def decode_attention_triton(q, k, v, *, scale=None, causal=True, window=None, so
     part_l = torch.empty_like(part_m)
     launch = dict(num_warps=4, num_stages=2) if q.is_cuda else {}
     _decode_split_kernel[(batch * kv_heads, splits)](
-        q, k, v, part_o, part_m, part_l, offset, lens, prefix,
+        q, k, v, part_o, part_m, part_l, rows.pop("Q_OFFSET"), rows.pop("KV_LENS"), rows.pop("PREFIX"),
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         kv_len, q_heads, kv_heads, group, splits, chunk, flags.pop("qk_scale"), flags.pop("softcap_log2"),
-        flags.pop("window"),
+        flags.pop("window"), rows.pop("q_offset_all"), rows.pop("kv_lens_all"), rows.pop("prefix_all"),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        FP32=q.dtype == torch.float32, **flags, **launch,
+        FP32=q.dtype == torch.float32, **flags, **rows, **launch,
     )
     _decode_merge_kernel[(batch * q_heads,)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1), out.stride(3), q_heads, splits,

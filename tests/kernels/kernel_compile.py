@@ -19,7 +19,7 @@ import kernels.decode as decode  # noqa: E402
 import kernels.maxsim as maxsim  # noqa: E402
 
 INT_ARGS = {"q_len", "kv_len_total", "q_heads", "kv_heads", "group", "window", "num_splits", "chunk", "rows",
-            "q_tokens"}
+            "q_tokens", "q_offset_all", "kv_lens_all", "prefix_all"}
 
 
 def compile_kernel(fn, arch: int, pointers: dict, constants: dict, options: dict) -> int:
@@ -39,10 +39,12 @@ def compile_kernel(fn, arch: int, pointers: dict, constants: dict, options: dict
 
 
 def attention_variants(arch: int, dtype: str, head_dim: int, causal: bool, window: bool, softcap: bool,
-                       prefix: bool):
+                       prefix: bool, per_row: bool):
     block_d = max(16, triton.next_power_of_2(head_dim))
-    flags = dict(CAUSAL=causal, HAS_WINDOW=window, HAS_SOFTCAP=softcap, HAS_PREFIX=prefix, FP32=dtype == "fp32")
-    rows = dict(Q_OFFSET="*i32", KV_LENS="*i32", PREFIX_LENS="*i32")
+    flags = dict(CAUSAL=causal, HAS_WINDOW=window, HAS_SOFTCAP=softcap, HAS_PREFIX=prefix, FP32=dtype == "fp32",
+                 ROWS_Q_OFFSET=per_row, ROWS_KV_LENS=per_row, ROWS_PREFIX=per_row)
+    # per-row values arrive as int64 tensors (the models' positions); otherwise the pointer is unused
+    rows = dict.fromkeys(("Q_OFFSET", "KV_LENS", "PREFIX"), "*i64" if per_row else "*" + dtype)
     config = attention._prefill_config(block_d, True, fp32=dtype == "fp32")
     tiles = {key: config.pop(key) for key in ("BLOCK_M", "BLOCK_N")}
     yield "prefill", compile_kernel(
@@ -68,10 +70,11 @@ def maxsim_variant(arch: int, dtype: str, dim: int, block_r: int, warps: int):
 
 
 def main(arch: int) -> None:
-    cases = [("bf16", 256, True, True, True, False),  # Gemma 2 local layer
-             ("fp16", 72, False, False, False, False),  # SigLIP
-             ("fp16", 128, True, True, False, True),  # PaliGemma 2 prefix-LM with a window
-             ("fp32", 64, True, False, True, False)]
+    cases = [("bf16", 256, True, True, True, False, False),  # Gemma 2 local layer
+             ("bf16", 256, True, True, True, False, True),  # ... decoding rows at their own positions
+             ("fp16", 72, False, False, False, False, False),  # SigLIP
+             ("fp16", 128, True, True, False, True, True),  # PaliGemma 2 prefix-LM with a window
+             ("fp32", 64, True, False, True, False, False)]
     for case in cases:
         for kernel, shared in attention_variants(arch, *case):
             print(json.dumps(dict(kernel=kernel, case=list(case), shared=shared)), flush=True)

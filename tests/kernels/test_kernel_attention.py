@@ -148,6 +148,20 @@ def test_tile_edges_at_every_offset(causal, window):
     assert_close(out, attention_reference(q, k, v, **kwargs), v, torch.float32)
 
 
+@pytest.mark.parametrize("q_len", [1, 9])  # the decode and the prefill kernel
+@pytest.mark.parametrize("kv_lens", [12, 99])  # 99: more than the cache holds (clamped like the reference)
+def test_every_row_argument_given_as_an_int(q_len, kv_lens):
+    """Ints go to the kernels by value (no per-row tensor is built): the same results as tensors."""
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 2, q_len, 16, generator=gen)
+    k, v = torch.randn(2, 1, 20, 16, generator=gen), torch.randn(2, 1, 20, 16, generator=gen)
+    kwargs = dict(q_offset=3, kv_lens=kv_lens, prefix_lens=7, window=6)
+    ref = attention_reference(q, k, v, **kwargs)
+    assert_close(attention(q, k, v, backend="triton", **kwargs), ref, v, torch.float32)
+    as_rows = {key: torch.full((2,), value) for key, value in kwargs.items() if key != "window"}
+    assert_close(attention(q, k, v, backend="triton", window=6, **as_rows), ref, v, torch.float32)
+
+
 def test_non_contiguous_inputs_as_the_models_pass_them():
     """Models pass q/k/v as transposes of (batch, seq, heads, dim) projections: strides, not copies."""
     gen = torch.Generator().manual_seed(2)
