@@ -37,6 +37,7 @@ from grounding.langchain import (
     format_tables,
     messages_to_turns,
     rag_chain,
+    rig_chain,
     rig_grounder,
     statistics_tools,
 )
@@ -315,3 +316,8 @@ def test_rig_chain_prompt_model_grounder():
     assert claim.dc_value == gapminder("Kenya", 2007, "lifeExp") and claim.model_value == "58 years"
     assert claim.differs  # 58 is more than 5% above 54.11
     assert result.text.startswith("Kenyans lived [__DC__#1(54.11 years [1]* || 58 years)]")
+    # The packaged RIG flow: question -> the model writes -> every number checked -> Answer.
+    writer = GenericFakeChatModel(messages=iter([AIMessage(rig_text)]))
+    answer = rig_chain(local_source(), writer).invoke("How long did Kenyans live in 2007?")
+    assert isinstance(answer, Answer) and answer.mode == "rig" and answer.claims[0].dc_value == claim.dc_value
+    assert answer.footnotes == result.footnotes and not answer.no_answer
