@@ -19,6 +19,7 @@ bounded; every error is JSON ``{"error": {"status", "type", "message"}}`` with i
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -422,7 +423,7 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
         if not request.question.strip():
             raise ApiError(422, "invalid_request", "question: the question is blank")
         try:
-            with llm_lock:
+            with llm_lock if model is not None else contextlib.nullcontext():
                 return ask(request.question, mode=request.mode, source=source, llm=model,
                            max_new_tokens=max_new_tokens)
         except GroundingError as e:
