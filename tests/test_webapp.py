@@ -264,3 +264,17 @@ def test_serve_command_runs_a_real_server_on_loopback(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def test_answers_written_by_a_langchain_chat_model():
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    model = GenericFakeChatModel(messages=iter([AIMessage("What is life expectancy in Japan?"),  # its questions
+                                                AIMessage("It rose to 82.6 years [Table 1] <b>[Table 7]</b>.")]))
+    with TestClient(create_app(llm=model), raise_server_exceptions=False) as client:
+        assert client.get("/api/status").json()["llm"].startswith("LangChainLLM(GenericFakeChatModel")
+        answer = client.post("/api/ask", json={"question": "How has life expectancy changed in Japan?"}).json()
+    assert answer["text"] == "It rose to 82.6 years [Table 1] <b>[Table 7]</b>."
+    assert answer["citations"] == [1] and answer["invalid_citations"] == [7]
+    assert answer["tables"][0]["table"]["rows"][-1][-1] == gapminder("Japan", 2007, "lifeExp")
