@@ -31,26 +31,54 @@ def gapminder(country: str, year: int, column: str) -> float:
     return float(row[column])
 
 
-@pytest.fixture(scope="module")
-def server_url():
+def _start(app):
     import uvicorn
 
-    from grounding.webapp import create_app
-
-    index_dir, _ = tiny_index()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # bound here and handed to uvicorn: the port cannot be taken in between
-    server = uvicorn.Server(uvicorn.Config(create_app(index_dir), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the web app server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return server, thread, sock
+
+
+def _stop(server, thread, sock) -> None:
     server.should_exit = True
     thread.join(timeout=10)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    from grounding.webapp import create_app
+
+    index_dir, _ = tiny_index()
+    running = _start(create_app(index_dir))
+    yield f"http://127.0.0.1:{running[2].getsockname()[1]}"
+    _stop(*running)
+
+
+MODEL_MARKUP = '<img src=x onerror="alert(2)"> rose [Table 1]'
+
+
+@pytest.fixture(scope="module")
+def model_server_url():
+    """The statistics page with a (scripted) answering model whose text is markup."""
+    import itertools
+
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    from grounding.webapp import create_app
+
+    script = itertools.cycle([AIMessage("What is life expectancy in Japan?"), AIMessage(MODEL_MARKUP)])
+    running = _start(create_app(llm=GenericFakeChatModel(messages=script)))
+    yield f"http://127.0.0.1:{running[2].getsockname()[1]}"
+    _stop(*running)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +104,17 @@ def page(server_url):
 
 def loaded(image) -> bool:
     return image.evaluate("img => img.complete && img.naturalWidth > 0")
+
+
+def test_model_text_is_shown_as_text(page, model_server_url):
+    page.goto(model_server_url + "/stats")
+    page.get_by_test_id("question").fill("How has life expectancy changed in Japan?")
+    page.get_by_test_id("ask").click()
+    page.get_by_test_id("table").wait_for()
+    assert page.get_by_test_id("answer-text").inner_text() == MODEL_MARKUP
+    assert page.locator("#answer img").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "stats-model-markup.png"), full_page=True)
+    assert page.dialogs == [] and page.script_errors == []
 
 
 def test_search_results_thumbnails_and_similarity_overlay(page, server_url):
