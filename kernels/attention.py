@@ -14,6 +14,13 @@ Which keys a query sees. Query ``i`` of row ``b`` sits at absolute position ``p 
 Scores are ``softcap * tanh(q.k * scale / softcap)`` when ``softcap`` is set (Gemma 2), else
 ``q.k * scale``; softmax is taken in fp32 over visible keys. A query that sees no key at all outputs
 zeros (only padding queries can be in that state).
+
+Implementations, all taking the same arguments: :func:`attention_reference` (plain torch, the
+specification); :func:`attention_prefill_triton`, a FlashAttention-2-style forward kernel (online
+softmax over key tiles, the score matrix never materialised, fully hidden key tiles skipped, masks
+built only on edge tiles); ``kernels.decode.decode_attention_triton``, a split-K kernel for one query
+per row. :func:`attention` picks one (Triton on CUDA, torch elsewhere). The kernels take head dims
+16..256 (padded to a power-of-two tile, so 72 works), fp16/bf16/fp32, accumulating in fp32.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ try:  # triton is a Linux dependency; the torch path works without it
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
-__all__ = ["attention", "attention_reference", "attention_triton", "validate_attention_args",
+__all__ = ["attention", "attention_reference", "attention_triton", "attention_prefill_triton",
+           "validate_attention_args",
            "AttentionArgumentError", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
 
 
@@ -153,8 +161,6 @@ def attention(q, k, v, *, scale: float | None = None, causal: bool = True, windo
     if _resolve_backend(backend, q) == "torch":
         return attention_reference(q, k, v, **kwargs)
     return _attention_triton(q, k, v, **kwargs)
-
-
 
 
 # ---------------------------------------------------------------------------------------------------
