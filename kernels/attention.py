@@ -36,8 +36,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
 __all__ = ["attention", "attention_reference", "attention_triton", "attention_prefill_triton",
-           "validate_attention_args",
-           "AttentionArgumentError", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
+           "validate_attention_args", "AttentionArgumentError", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
 
 
 class AttentionArgumentError(ValueError):
