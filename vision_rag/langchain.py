@@ -137,6 +137,11 @@ class PageRetriever(BaseRetriever):
             return Index.open(value)
         return value
 
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _filter_as_dict(cls, value):
+        return value.model_dump(exclude_none=True) if hasattr(value, "model_dump") else value
+
     @field_validator("embedder")
     @classmethod
     def _check_embedder(cls, value):
@@ -158,6 +163,8 @@ class PageRetriever(BaseRetriever):
             raise ModelMismatchError(f"the index was built with model {self.index.model_id!r} but the retriever's "
                                      f"embedder is {model_id!r}; use the model that built the index")
         conditions = kwargs.get("filter", self.filter)
+        if hasattr(conditions, "model_dump"):
+            conditions = conditions.model_dump(exclude_none=True)
         search_filter = SearchFilter.model_validate(conditions) if conditions else None
         (query_vectors,) = self.embedder.embed_queries([query])
         hits = self.index.search(query_vectors, k=k, filter=search_filter)

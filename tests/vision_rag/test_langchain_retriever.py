@@ -112,6 +112,12 @@ def test_document_text_metadata_images_and_filters(tmp_path):
     only = retriever.invoke("invoice", k=5, filter={"document_id": "report.pdf"})
     assert sorted(d.metadata["page_number"] for d in only) == [0, 1, 2]
     assert {d.metadata["document_id"] for d in only} == {"report.pdf"}
+    from vision_rag.index import SearchFilter
+
+    typed = PageRetriever(index=str(index_dir), embedder=embedder, k=5, filter=SearchFilter(document_id="invoice.pdf"))
+    assert sorted(d.metadata["page_number"] for d in typed.invoke("invoice")) == [0, 1]
+    prefix = str(pdfs[0].parent.resolve() / "rep")
+    assert len(retriever.invoke("invoice", filter=SearchFilter(source_path_prefix=prefix))) == 3
     assert len(retriever.invoke("invoice", k=1)) == 1
     with pytest.raises(ValueError, match="k must be"):
         retriever.invoke("invoice", k=1000)
