@@ -236,7 +236,7 @@ def test_format_errors(tmp_path):
 
 
 def test_one_writer_at_a_time(tmp_path):
-    first = Index.open(tmp_path / "ix", create=True, model_id="test-model", dim=DIM)
+    first = Index.open(tmp_path / "ix", create=True, model_id="test-model", dim=DIM, ann_pq_m=4)
     first.add([({"document_id": "a"}, page_vectors(0, 0))])
     writer = start_writer(tmp_path / "ix")
     writer.wait(timeout=60)
