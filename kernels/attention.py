@@ -7,9 +7,11 @@ Which keys a query sees. Query ``i`` of row ``b`` sits at absolute position ``p 
 (``q_offset`` lets a chunk of queries start inside a longer KV cache). Key ``j`` is visible iff
 
 - ``j < kv_lens[b]`` (per-row valid length; keys past it are padding), and
-- ``causal`` is False, or ``j <= p``, or ``j < prefix_lens[b]`` and ``p < prefix_lens[b]``
-  (prefix-LM: the first ``P_b`` tokens attend to each other bidirectionally, the rest causally), and
-- ``window`` is None, or ``p - window < j`` (a sliding window of ``window`` keys ending at ``p``).
+- ``causal`` is False, or ``j <= p`` and (``window`` is None or ``p - window < j``: a sliding window
+  of ``window`` keys ending at ``p``), or ``j < prefix_lens[b]`` and ``p < prefix_lens[b]``
+  (prefix-LM: the first ``P_b`` tokens attend to each other bidirectionally, whatever the window,
+  as transformers' PaliGemma does; the rest is causal), and
+- without ``causal``, ``window`` is None or ``p - window < j``.
 
 Scores are ``softcap * tanh(q.k * scale / softcap)`` when ``softcap`` is set (Gemma 2), else
 ``q.k * scale``; softmax is taken in fp32 over visible keys. A query that sees no key at all outputs
@@ -93,15 +95,18 @@ def visible_mask(batch: int, q_len: int, kv_len: int, *, device, causal: bool = 
     kpos = torch.arange(kv_len, device=device)
     qpos, kpos = qpos[:, :, None], kpos[None, None, :]  # (B, Lq, 1), (1, 1, Lk)
     mask = torch.ones(batch, q_len, kv_len, dtype=torch.bool, device=device)
+    in_window = (kpos > qpos - window) if window is not None else None
     if causal:
         allowed = kpos <= qpos
+        if in_window is not None:
+            allowed = allowed & in_window
         prefix = _as_row_tensor(prefix_lens, batch, device, "prefix_lens")
         if prefix is not None:
             p = prefix[:, None, None]
             allowed = allowed | ((kpos < p) & (qpos < p))
         mask &= allowed
-    if window is not None:
-        mask &= kpos > qpos - window
+    elif in_window is not None:
+        mask &= in_window
     lens = _as_row_tensor(kv_lens, batch, device, "kv_lens")
     if lens is not None:
         mask &= kpos < lens[:, None, None]
@@ -260,10 +265,13 @@ if triton is not None:
         mask = kpos < kv_len
         if CAUSAL:
             allowed = kpos <= qpos
+            if HAS_WINDOW:
+                allowed = allowed & (kpos > qpos - window)
             if HAS_PREFIX:
+                # prefix pairs see each other whatever the window (transformers' PaliGemma rule)
                 allowed = allowed | ((kpos < prefix) & (qpos < prefix))
             mask = mask & allowed
-        if HAS_WINDOW:
+        elif HAS_WINDOW:
             mask = mask & (kpos > qpos - window)
         return mask
 
@@ -293,6 +301,9 @@ if triton is not None:
         lo = hi * 0
         if HAS_WINDOW:
             lo = tl.maximum(first_pos - window + 1, 0)
+            if CAUSAL and HAS_PREFIX:
+                # a query inside the prefix sees the prefix from its start
+                lo = tl.where(first_pos < prefix, 0, lo)
         return lo, hi
 
     @triton.jit

@@ -3,7 +3,7 @@
 Same arguments and semantics as :func:`kernels.attention.attention` with ``q_len == 1``: ``q`` is
 ``(batch, q_heads, 1, head_dim)``, ``k``/``v`` the cache ``(batch, kv_heads, kv_len, head_dim)``; the
 query of row ``b`` sits at position ``q_offset[b]`` and sees keys ``j < kv_lens[b]`` that are causal
-(``j <= q_offset[b]``, or inside the prefix-LM prefix), and inside the sliding window when one is set.
+(``j <= q_offset[b]`` and inside the sliding window when one is set, or both inside the prefix-LM prefix).
 
 One query per row leaves too little parallelism for a FlashAttention grid, so the key range of
 each row is cut into ``num_splits`` chunks: one program per (row, KV head, chunk) streams its chunk
@@ -55,14 +55,15 @@ def decode_attention_reference(q, k, v, *, scale: float | None = None, causal: b
     j = torch.arange(kv_len, device=q.device)[None, :]  # (1, Lk)
     lens = _as_row_tensor(kv_lens if kv_lens is not None else kv_len, batch, q.device, "kv_lens")[:, None]
     visible = j < lens
+    in_window = (j > pos - window) if window is not None else torch.ones_like(visible)
     if causal:
-        seen = j <= pos
-        if prefix_lens is not None:
+        seen = (j <= pos) & in_window
+        if prefix_lens is not None:  # prefix pairs see each other whatever the window
             prefix = _as_row_tensor(prefix_lens, batch, q.device, "prefix_lens")[:, None]
             seen = seen | ((j < prefix) & (pos < prefix))
         visible = visible & seen
-    if window is not None:
-        visible = visible & (j > pos - window)
+    else:
+        visible = visible & in_window
     visible = visible[:, None, :]  # (B, 1, Lk)
 
     scores = scores.masked_fill(~visible, float("-inf"))

@@ -193,10 +193,13 @@ def direct_attention(q, k, v, *, scale, causal, window, softcap, prefix_lens, q_
             kv_h = h // (q_heads // kv_heads)
             for i in range(q_len):
                 p = q_offset[b] + i
-                keys = [j for j in range(kv_len)
-                        if j < kv_lens[b]
-                        and (not causal or j <= p or (j < prefix_lens[b] and p < prefix_lens[b]))
-                        and (window is None or p - window < j)]
+                in_window = [window is None or p - window < j for j in range(kv_len)]
+                prefix_pair = [j < prefix_lens[b] and p < prefix_lens[b] for j in range(kv_len)]
+                if causal:  # window limits the causal part; prefix pairs see each other regardless
+                    seen = [(j <= p and in_window[j]) or prefix_pair[j] for j in range(kv_len)]
+                else:
+                    seen = in_window
+                keys = [j for j in range(kv_len) if j < kv_lens[b] and seen[j]]
                 if not keys:
                     continue
                 s = (k[b, kv_h, keys].double() @ q[b, h, i].double()) * scale
@@ -207,7 +210,7 @@ def direct_attention(q, k, v, *, scale, causal, window, softcap, prefix_lens, q_
 
 
 @pytest.mark.parametrize("causal,window,prefix", [(True, None, None), (True, 3, None), (True, None, [4, 0]),
-                                                  (True, 3, [5, 2]), (False, None, None), (False, 2, None)])
+                                                  (True, 3, [5, 2]), (True, 2, [8, 7]), (False, None, None), (False, 2, None)])
 def test_reference_follows_the_visibility_rule(causal, window, prefix):
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(2, 4, 5, 8, generator=gen)

@@ -41,6 +41,11 @@ ARCHS = {
     "paligemma2": dict(text=dict(TEXT, model_type="gemma2", sliding_window=13, query_pre_attn_scalar=20,
                                  attn_logit_softcapping=3.0, final_logit_softcapping=5.0),
                        image_token=VOCAB - 1),
+    # Window 6 shorter than the prefix (11 tokens): prefix pairs see each other whatever the window,
+    # while suffix tokens see only the window (PaliGemma 2 at 896 px, in miniature).
+    "paligemma2-window-in-prefix": dict(text=dict(TEXT, model_type="gemma2", sliding_window=6, query_pre_attn_scalar=20,
+                                                  attn_logit_softcapping=3.0, final_logit_softcapping=5.0),
+                                        image_token=VOCAB - 1),
 }
 
 
