@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import importlib
 
+# ``generate`` is both a submodule and a function: bind the function eagerly, or the first import of
+# the submodule would replace it on the package and ``from models import generate`` would get a module.
+from .generate import generate, generate_ids
+
 _EXPORTS = {
     "ConfigError": "config", "GemmaConfig": "config", "preset": "config", "preset_names": "config",
     "GemmaLM": "gemma", "PaliGemma": "paligemma", "SiglipVisionModel": "siglip",
