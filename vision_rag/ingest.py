@@ -1,0 +1,235 @@
+"""Turn files into indexed pages: PDFs (rendered with pypdfium2), PNG/JPEG/TIFF images (every frame of
+a multi-page TIFF), and directories of them (recursively).
+
+Each page becomes a record with a document id (the file's resolved path), its 0-based page number,
+the source path, the SHA-256 of the file (an unchanged file is not indexed again; a changed one has
+its old pages replaced in the same commit) and optional user metadata. A file that cannot be read is
+reported in the :class:`IngestReport` and skipped; the other files are indexed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageSequence
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+
+from .index import Index, ModelMismatchError, PageRecord
+
+PDF_SUFFIXES = {".pdf"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+SUPPORTED_SUFFIXES = PDF_SUFFIXES | IMAGE_SUFFIXES
+DEFAULT_DPI = 144  # 8.5x11 in -> 1224x1584 px: enough detail before the embedder's own resize (448 px)
+
+
+class PageEmbedder(Protocol):
+    """What ingestion needs from an embedder (the ColPali embedder satisfies it)."""
+
+    model_id: str
+
+    def embed_pages(self, images: list[Image.Image]) -> list[torch.Tensor]:
+        """One ``(n_tokens, dim)`` tensor per page image."""
+        ...
+
+
+class BadFileError(ValueError):
+    """A file that cannot be read as a document; the message names the file and the reason."""
+
+
+class FileProblem(BaseModel):
+    path: str
+    reason: str
+
+
+class IngestReport(BaseModel):
+    """Summary of one :func:`index_paths` run (printed by the CLI, also as JSON)."""
+
+    pages_added: int = 0
+    page_ids: list[int] = Field(default_factory=list)
+    files_indexed: list[str] = Field(default_factory=list)
+    files_unchanged: list[str] = Field(default_factory=list)  # same content hash as already indexed
+    pages_replaced: int = 0  # old pages of changed files, removed
+    files_failed: list[FileProblem] = Field(default_factory=list)  # unreadable: reported, skipped
+    files_ignored: list[FileProblem] = Field(default_factory=list)  # not a supported type
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[FileProblem], list[FileProblem]]:
+    """Expand directories (recursively, sorted) -> (supported files, ignored files, missing paths)."""
+    files: list[Path] = []
+    ignored: list[FileProblem] = []
+    missing: list[FileProblem] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for child in sorted(p for p in path.rglob("*") if p.is_file()):
+                if child.suffix.lower() in SUPPORTED_SUFFIXES:
+                    files.append(child)
+                else:
+                    ignored.append(FileProblem(path=str(child), reason=f"unsupported file type {child.suffix!r}"))
+        elif path.is_file():
+            if path.suffix.lower() in SUPPORTED_SUFFIXES:
+                files.append(path)
+            else:
+                ignored.append(FileProblem(
+                    path=str(path),
+                    reason=f"unsupported file type {path.suffix!r}; supported: {sorted(SUPPORTED_SUFFIXES)}",
+                ))
+        else:
+            missing.append(FileProblem(path=str(path), reason="no such file or directory"))
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    return unique, ignored, missing
+
+
+def render_pdf(path: Path, dpi: int = DEFAULT_DPI) -> Iterator[Image.Image]:
+    """The pages of a PDF as RGB images at ``dpi``."""
+    import pypdfium2 as pdfium
+
+    try:
+        pdf = pdfium.PdfDocument(str(path))
+    except Exception as exc:  # pypdfium2 raises PdfiumError (and OSError for unreadable files)
+        raise BadFileError(f"{path}: not a readable PDF ({exc})") from exc
+    try:
+        if len(pdf) == 0:
+            raise BadFileError(f"{path}: the PDF has no pages")
+        for number in range(len(pdf)):
+            try:
+                page = pdf[number]
+                bitmap = page.render(scale=dpi / 72)
+                image = bitmap.to_pil().convert("RGB")
+            except BadFileError:
+                raise
+            except Exception as exc:
+                raise BadFileError(f"{path}: page {number + 1} cannot be rendered ({exc})") from exc
+            yield image
+    finally:
+        pdf.close()
+
+
+def read_image_pages(path: Path) -> Iterator[Image.Image]:
+    """The frames of an image file (one for PNG/JPEG, every page of a multi-page TIFF) as RGB."""
+    try:
+        with Image.open(path) as image:
+            for frame in ImageSequence.Iterator(image):
+                frame.load()  # decode now, so truncated or corrupt data fails here
+                yield frame.convert("RGB")
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+        raise BadFileError(f"{path}: not a readable image ({exc})") from exc
+
+
+def read_pages(path: Path, dpi: int = DEFAULT_DPI) -> Iterator[Image.Image]:
+    if path.suffix.lower() in PDF_SUFFIXES:
+        return render_pdf(path, dpi)
+    return read_image_pages(path)
+
+
+@contextmanager
+def _one_commit(index: Index):
+    """Group the calls inside into one commit (old pages out, new pages in, atomically)."""
+    autocommit = index.autocommit
+    index.autocommit = False
+    try:
+        yield
+        index.commit()
+    finally:
+        index.autocommit = autocommit
+
+
+def index_paths(
+    index: Index,
+    embedder: PageEmbedder,
+    paths: Sequence[str | Path] | str | Path,
+    *,
+    dpi: int = DEFAULT_DPI,
+    batch_size: int = 4,
+    metadata: Mapping[str, Any] | Callable[[Path], Mapping[str, Any]] | None = None,
+    progress: bool = True,
+) -> IngestReport:
+    """Embed and index every page of ``paths`` (files and directories).
+
+    Pages go through ``embedder.embed_pages`` ``batch_size`` at a time (rendered lazily, so a long PDF
+    never sits in memory whole). Each file is committed on its own: a crash loses at most the file
+    being indexed. ``metadata`` is attached to every page (a mapping, or a function of the file path).
+    """
+    if embedder.model_id != index.model_id:
+        raise ModelMismatchError(
+            f"index {index.directory} was built with model {index.model_id!r} but the embedder is "
+            f"{embedder.model_id!r}; use the same model or a new index directory"
+        )
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files, ignored, missing = find_files(paths)
+    report = IngestReport(files_ignored=ignored, files_failed=missing)
+    bar = tqdm(total=None, unit="page", desc="indexing", disable=not progress)
+    try:
+        for path in files:
+            try:
+                content_hash = file_hash(path)
+            except OSError as exc:
+                report.files_failed.append(FileProblem(path=str(path), reason=f"cannot read ({exc})"))
+                continue
+            previous = index.pages(source_path=str(path))
+            if previous and all(p.content_hash == content_hash for p in previous):
+                report.files_unchanged.append(str(path))
+                continue
+            user_metadata = dict(metadata(path) if callable(metadata) else (metadata or {}))
+            try:
+                held = np.float32 if index.settings.storage == "fp32" else np.float16
+                vectors = _embed_file(path, embedder, dpi, batch_size, bar, held)
+            except BadFileError as exc:
+                report.files_failed.append(FileProblem(path=str(path), reason=str(exc)))
+                continue
+            records = [
+                PageRecord(document_id=str(path), page_number=n, source_path=str(path),
+                           content_hash=content_hash, metadata=user_metadata)
+                for n in range(len(vectors))
+            ]
+            with _one_commit(index):
+                ids = index.add(list(zip(records, vectors, strict=True)))
+                if previous:
+                    index.delete([p.page_id for p in previous])
+            report.page_ids.extend(ids)
+            report.pages_added += len(ids)
+            report.pages_replaced += len(previous)
+            report.files_indexed.append(str(path))
+    finally:
+        bar.close()
+    return report
+
+
+def _embed_file(path: Path, embedder: PageEmbedder, dpi: int, batch_size: int, bar, held) -> list[np.ndarray]:
+    vectors: list[np.ndarray] = []
+    batch: list[Image.Image] = []
+
+    def flush():
+        out = embedder.embed_pages(batch)
+        if len(out) != len(batch):
+            raise RuntimeError(f"embedder returned {len(out)} embeddings for {len(batch)} pages")
+        # Held in the stored precision while the rest of the file is embedded.
+        vectors.extend(torch.as_tensor(v).detach().to("cpu", torch.float32).numpy().astype(held) for v in out)
+        bar.update(len(batch))
+        batch.clear()
+
+    for image in read_pages(path, dpi):
+        batch.append(image)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not vectors:
+        raise BadFileError(f"{path}: no pages found")
+    return vectors
