@@ -46,9 +46,11 @@ class IndexSummary(BaseModel):
     index: str
     model_id: str
     pages_added: int
-    pages_skipped: int
-    files_failed: int
-    failures: list[dict]
+    pages_skipped: int  # pages of files already indexed with the same content
+    pages_replaced: int  # old pages of files that changed
+    files_failed: int  # unreadable files: reported, skipped, not fatal
+    failures: list[dict]  # {"path", "error"}
+    files_ignored: list[str]  # unsupported file types found in directories
     pages_in_index: int
 
 
@@ -90,6 +92,9 @@ def register(sub) -> None:
     p.add_argument("query", help="the query text")
     p.add_argument("page_id", type=int, metavar="PAGE_ID", help="page id (from search)")
     p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--dpi", type=int, default=None, help="PDF rendering resolution of the page shown")
+    p.add_argument("--all-tokens", action="store_true",
+                   help="a map for every query token (default: the query's own words, not <bos>/prefix/pads)")
     _model_options(p, required=False)
     p.set_defaults(func=_cmd_explain)
 
@@ -140,26 +145,34 @@ def _cmd_index(args) -> int:
     # Index.open refuses an existing index built by another model (ModelMismatchError).
     with Index.open(index_dir, create=True, model_id=embedder.model_id, dim=embedder.dim, **options) as index:
         write_embedder_record(index_dir, embedder)
+        embedder.progress = False  # ingestion shows its own progress bar (pages indexed)
         kwargs = dict(batch_size=args.batch_size, progress=True)
         if args.dpi is not None:
             kwargs["dpi"] = args.dpi
         report = index_paths(index, embedder, args.paths, **kwargs)
-        summary = _summary(report, index_dir, embedder.model_id, len(index))
+        summary = _summary(report, index, index_dir, embedder.model_id)
     for failure in summary.failures:
-        print(f"failed: {failure.get('path')}: {failure.get('error')}", file=sys.stderr)
+        reason = failure["error"]
+        print(f"failed: {reason if failure['path'] in reason else failure['path'] + ': ' + reason}", file=sys.stderr)
+    for path in summary.files_ignored:
+        print(f"ignored (unsupported file type): {path}", file=sys.stderr)
     if args.json:
         print(summary.model_dump_json(indent=2))
     else:
         print(f"{summary.pages_added} pages added, {summary.pages_skipped} skipped (unchanged), "
-              f"{summary.files_failed} files failed; {summary.pages_in_index} pages in {index_dir}")
+              f"{summary.pages_replaced} replaced, {summary.files_failed} files failed; "
+              f"{summary.pages_in_index} pages in {index_dir}")
     return 0
 
 
-def _summary(report, index_dir: Path, model_id: str, total: int) -> IndexSummary:
-    failures = [{"path": str(f.path), "error": str(f.error)} for f in report.failed]
+def _summary(report, index, index_dir: Path, model_id: str) -> IndexSummary:
+    # Pages of unchanged files were skipped whole: count them from the index.
+    skipped = sum(len(index.pages(source_path=path)) for path in report.files_unchanged)
+    failures = [{"path": f.path, "error": f.reason} for f in report.files_failed]
     return IndexSummary(index=str(index_dir), model_id=model_id, pages_added=report.pages_added,
-                        pages_skipped=report.pages_skipped, files_failed=len(failures), failures=failures,
-                        pages_in_index=total)
+                        pages_skipped=skipped, pages_replaced=report.pages_replaced, files_failed=len(failures),
+                        failures=failures, files_ignored=[f.path for f in report.files_ignored],
+                        pages_in_index=len(index))
 
 
 def _cmd_search(args) -> int:
@@ -192,12 +205,28 @@ def _cmd_search(args) -> int:
 
 
 def _cmd_explain(args) -> int:
-    from .simmap import explain_page
+    from .ingest import DEFAULT_DPI, file_hash, read_pages
+    from .simmap import save_similarity_maps
 
     index_dir, index = _open_index(args.index)
     with index:
         embedder = _load_embedder(args, index_dir, index.model_id)
         page = index.get(args.page_id)
-        out = explain_page(embedder, page, args.query, args.out)
-    print(f"wrote {out}")
+    source = Path(page.source_path)
+    if not source.is_file():
+        raise FileNotFoundError(f"page {args.page_id} was indexed from {source}, which is gone")
+    if page.content_hash and file_hash(source) != page.content_hash:
+        raise ValueError(f"{source} changed since page {args.page_id} was indexed; re-index it first")
+    image = next((im for n, im in enumerate(read_pages(source, args.dpi or DEFAULT_DPI)) if n == page.page_number), None)
+    if image is None:
+        raise ValueError(f"{source} has no page {page.page_number + 1} any more; re-index it")
+    # The page is embedded again (not read from the index): stored vectors may be pooled or compressed,
+    # and the map needs one vector per patch.
+    (page_vectors,) = embedder.embed_pages([image], progress=False)
+    (query_vectors,) = embedder.embed_queries([args.query], progress=False)
+    tokens = None if args.all_tokens else list(embedder.query_text_span(args.query))
+    out = save_similarity_maps(image, query_vectors, page_vectors, args.out, grid=embedder.patch_grid,
+                               query_tokens=embedder.query_tokens(args.query), token_indices=tokens)
+    score = float((query_vectors @ page_vectors.T).max(dim=1).values.sum())
+    print(f"wrote {out} (page {args.page_id}: {source} p.{page.page_number + 1}, MaxSim {score:.3f})")
     return 0

@@ -233,6 +233,7 @@ class ColPaliEmbedder:
             raise ColPaliError(f"image processing resizes to {self.image_processing.width}x"
                                f"{self.image_processing.height} but the model takes {config.image_size}px squares")
         self.source, self.adapter = source, adapter
+        self.progress: bool | None = None  # default of embed_*(progress=): None shows a bar on a terminal only
         self._model_id = model_id
         image_id = tokenizer.token_to_id("<image>")
         if image_id != config.image_token_id:
@@ -299,6 +300,23 @@ class ColPaliEmbedder:
         return ([tok.bos_id] + tok.encode(s.query_prefix + text, add_bos=False)
                 + [self._augmentation_id] * s.query_augmentation_tokens + tok.encode(s.query_suffix, add_bos=False))
 
+    def query_tokens(self, text: str) -> list[str]:
+        """Readable labels of a query's tokens (for similarity maps), one per query vector."""
+        pieces = [self.tokenizer.id_to_token(i) or "?" for i in self.query_input_ids(text)]
+        return [p.replace("\u2581", " ").replace("\n", "\\n") for p in pieces]
+
+    def query_text_span(self, text: str) -> range:
+        """Positions of the query's own words among its tokens (after <bos> and the prefix, before the
+        augmentation pads): the tokens a similarity map is usually shown for."""
+        prefix = self.tokenizer.encode(self.settings.query_prefix, add_bos=False)
+        full = self.tokenizer.encode(self.settings.query_prefix + text, add_bos=False)
+        shared = 0  # the prefix's last piece may merge with the first word ("Question: " + "red" -> "▁red")
+        while shared < min(len(prefix), len(full)) and prefix[shared] == full[shared]:
+            shared += 1
+        if shared == len(full):
+            shared -= 1
+        return range(1 + shared, 1 + len(full))
+
     def page_batch(self, images: Sequence[ImageSource]) -> dict[str, torch.Tensor]:
         """``input_ids``, ``pixel_values`` and ``attention_mask`` for a batch of page images."""
         pixel_values = preprocess(list(images), self.image_processing)
@@ -337,6 +355,7 @@ class ColPaliEmbedder:
     def _batched(self, items: list, batch_size: int, make_batch: Callable, desc: str, progress) -> list[torch.Tensor]:
         if batch_size < 1:
             raise ColPaliError(f"batch_size must be >= 1, got {batch_size}")
+        progress = self.progress if progress is None else progress
         out: list[torch.Tensor] = []
         with _progress(len(items), desc, progress) as bar:
             for start in range(0, len(items), batch_size):

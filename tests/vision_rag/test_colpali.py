@@ -93,6 +93,10 @@ def test_pinned_page_and_query_layouts(embedder, tokenizer):
     assert double.page_input_ids() == [image] * n + [bos, bos] + prompt + [newline]  # 1031 at 448 px
     question = tokenizer.encode("Question: red circle", add_bos=False)
     assert embedder.query_input_ids("red circle") == [bos] + question + [pad] * 10 + [newline]
+    # The query's own words, for similarity maps: the prefix's trailing space merges into "▁red".
+    labels = embedder.query_tokens("red circle")
+    assert len(labels) == len(embedder.query_input_ids("red circle"))
+    assert "".join(labels[i] for i in embedder.query_text_span("red circle")) == " red circle"
     custom = ColPaliEmbedder(embedder.model, tokenizer, ColPaliSettings(query_prefix="Query: ", query_augmentation_tokens=3))
     assert custom.query_input_ids("red circle") == [bos] + tokenizer.encode("Query: red circle", add_bos=False) + \
         [pad] * 3 + [newline]
