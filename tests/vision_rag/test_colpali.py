@@ -179,3 +179,14 @@ def test_bad_inputs(checkpoints, embedder, tokenizer, tmp_path):
     model.config.image_token_id = 3
     with pytest.raises(ColPaliError, match="<image>"):
         ColPaliEmbedder(model, tokenizer)
+
+
+def test_sharded_checkpoint_loads_the_same(reference, tokenizer, embedder, tmp_path):
+    """Published base checkpoints are sharded (model-0000k-of-0000n.safetensors + an index)."""
+    reference.save_pretrained(tmp_path, max_shard_size="40KB")
+    tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    sharded = ColPaliEmbedder.load(tmp_path)
+    assert sharded.model_id == embedder.model_id
+    for a, b in zip(sharded.embed_queries(QUERIES), embedder.embed_queries(QUERIES), strict=True):
+        assert torch.equal(a, b)
