@@ -30,13 +30,13 @@ from langchain_core.runnables import RunnablePassthrough  # noqa: E402
 
 from grounding.langchain import ChatGemma, StatisticsRetriever, format_tables, rag_chain  # noqa: E402
 from grounding.sources import open_source  # noqa: E402
+from vision_rag import Index, index_paths  # noqa: E402
 from vision_rag.colpali import ColPaliEmbedder  # noqa: E402
-from vision_rag.index import Index  # noqa: E402
 from vision_rag.langchain import PageRetriever  # noqa: E402
 
 
 def format_pages(documents) -> str:
-    return "\n\n".join(f"[{d.metadata['document_id']} p.{d.metadata['page_number'] + 1}]\n{d.page_content}"
+    return "\n\n".join(f"[{Path(d.metadata['source']).name} p.{d.metadata['page_number'] + 1}]\n{d.page_content}"
                        for d in documents)
 
 
@@ -45,17 +45,17 @@ def main() -> int:
     parser.add_argument("question", nargs="?", default="What is the total due on the invoice?")
     parser.add_argument("--chat-model", help="Gemma checkpoint directory, .gguf file or preset (default: tiny random)")
     parser.add_argument("--colpali", help="ColPali checkpoint directory (default: tiny random)")
-    parser.add_argument("--pdfs", help="folder of PDFs (default: two generated sample PDFs)")
+    parser.add_argument("--pdfs", help="folder of PDFs / scans (default: two generated sample PDFs)")
     parser.add_argument("--max-tokens", type=int, default=40)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="langchain-chain-"))
-    pdfs = sorted(Path(args.pdfs).rglob("*.pdf")) if args.pdfs else sample_data.write_sample_pdfs(work / "pdfs")
+    folder = Path(args.pdfs) if args.pdfs else sample_data.write_sample_pdfs(work / "pdfs")[0].parent
     embedder = ColPaliEmbedder.load(args.colpali or sample_data.write_tiny_colpali(work / "tiny-colpali"))
     chat_model = ChatGemma(checkpoint=str(args.chat_model or sample_data.write_tiny_gemma(work / "tiny-gemma")),
                            max_tokens=args.max_tokens)
     with Index.open(work / "index", create=True, model_id=embedder.model_id, dim=embedder.dim) as index:
-        sample_data.index_pdfs(index, embedder, pdfs)
+        index_paths(index, embedder, [folder], progress=False)
 
     # 1. retriever | prompt | model over the page index.
     retriever = PageRetriever(index=str(work / "index"), embedder=embedder, k=2)
@@ -66,7 +66,7 @@ def main() -> int:
     chain = {"pages": retriever | format_pages, "question": RunnablePassthrough()} | prompt | chat_model
     print(f"question: {args.question}")
     for doc in retriever.invoke(args.question):
-        print(f"  retrieved {doc.metadata['document_id']} p.{doc.metadata['page_number'] + 1} "
+        print(f"  retrieved {Path(doc.metadata['source']).name} p.{doc.metadata['page_number'] + 1} "
               f"(score {doc.metadata['score']:.3f})")
     message = chain.invoke(args.question)
     print(f"answer: {message.content!r}\n  usage: {message.usage_metadata}")

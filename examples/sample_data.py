@@ -6,12 +6,10 @@ ones, but their rankings and answers are meaningless — pass real checkpoints t
     write_tiny_colpali(folder)         -> a ColPali checkpoint directory (config.json, safetensors, tokenizer)
     write_tiny_paligemma(folder)       -> a PaliGemma checkpoint directory
     write_tiny_gemma(folder)           -> a Gemma 3 chat checkpoint directory (Gemma chat template tokens)
-    index_pdfs(index, embedder, paths) -> render every page and add it to a vision_rag index
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -173,23 +171,3 @@ def write_tiny_gemma(folder: str | Path, *, seed: int = 3) -> Path:
     with torch.no_grad():
         model.model.embed_tokens.weight[:len(specials)] = 0  # never emits control tokens: always some text
     return _save(model, config.to_hf(), tokenizer, Path(folder))
-
-
-def index_pdfs(index, embedder, paths: list[str | Path], *, dpi: int = 50) -> list[int]:
-    """Render every page of ``paths`` and add it to ``index`` (document id = file name, content hash =
-    sha256 of the file). Returns the new page ids."""
-    import pypdfium2 as pdfium
-
-    from vision_rag.langchain import page_image
-
-    ids = []
-    for path in map(Path, paths):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        pdf = pdfium.PdfDocument(path)
-        n_pages = len(pdf)
-        pdf.close()
-        records = [{"document_id": path.name, "page_number": i, "source_path": str(path.resolve()),
-                    "content_hash": digest} for i in range(n_pages)]
-        images = [page_image(r, dpi=dpi) for r in records]
-        ids += index.add(zip(records, embedder.embed_pages(images, progress=False), strict=True))
-    return ids

@@ -52,7 +52,7 @@ HIT = re.compile(r"^\s+(\d)\.\s+(-?\d+\.\d+) \((-?\d\.\d+)\)\s+(\S+) p\.(\d+)\s+
 
 def test_search_scans_default_and_with_paths(tmp_path):
     out = run_example("search_scans.py")
-    assert "5 pages in the index (2 files added)" in out
+    assert "5 pages in the index (2 files added, 0 unchanged)" in out
     blocks = out.split("query: ")[1:]
     assert len(blocks) == 2
     for block in blocks:
@@ -68,9 +68,10 @@ def test_search_scans_default_and_with_paths(tmp_path):
     checkpoint = sample_data.write_tiny_colpali(tmp_path / "colpali", seed=5)
     args = ["--pdfs", str(pdfs[0].parent), "--colpali", str(checkpoint), "--index", str(tmp_path / "index"),
             "-k", "2", "invoice"]
-    assert "5 pages in the index (2 files added)" in run_example("search_scans.py", *args)
+    assert "5 pages in the index (2 files added, 0 unchanged)" in run_example("search_scans.py", *args)
     again = run_example("search_scans.py", *args)
-    assert "5 pages in the index (0 files added)" in again and (tmp_path / "index" / "embedder.json").is_file()
+    assert "5 pages in the index (0 files added, 2 unchanged)" in again
+    assert (tmp_path / "index" / "embedder.json").is_file()
 
 
 def test_answer_from_pages():

@@ -64,10 +64,11 @@ def test_search_matches_maxsim_by_definition(client):
         assert hit["image_url"] == f"/api/pages/{hit['page_id']}/image"
         assert "/" not in hit["document_name"]  # a file name, never the full path
     assert [h["score"] for h in data["hits"]] == pytest.approx(sorted(expected.values(), reverse=True), abs=1e-4)
-    invoice_first = next(h for h in data["hits"] if h["document_id"] == "invoice.pdf" and h["page_number"] == 1)
+    invoice_first = next(h for h in data["hits"] if h["document_name"] == "invoice.pdf" and h["page_number"] == 1)
     assert invoice_first["text"].splitlines() == ["Invoice 2024-017", "Total due: 1,250.00 EUR", "Payable within 30 days"]
-    only = client.post("/api/search", json={"query": query, "k": 5, "document_id": "report.pdf"}).json()["hits"]
-    assert len(only) == 3 and {h["document_id"] for h in only} == {"report.pdf"}
+    report = next(h["document_id"] for h in data["hits"] if h["document_name"] == "report.pdf")
+    only = client.post("/api/search", json={"query": query, "k": 5, "document_id": report}).json()["hits"]
+    assert len(only) == 3 and {h["document_name"] for h in only} == {"report.pdf"}
 
 
 def test_page_images_by_id_and_similarity_map(client):
@@ -80,7 +81,7 @@ def test_page_images_by_id_and_similarity_map(client):
     assert max(thumb.size) == 320 and thumb.size[0] < thumb.size[1]  # portrait US letter page
     full = Image.open(io.BytesIO(client.get(hit["image_url"] + "?size=792").content)).convert("RGB")
     index_dir, embedder = tiny_index()
-    pdf = pdfium.PdfDocument(Path(index_dir).parent / "pdfs" / hit["document_id"])
+    pdf = pdfium.PdfDocument(Path(index_dir).parent / "pdfs" / hit["document_name"])
     reference = pdf[hit["page_number"] - 1].render(scale=1.0).to_pil().convert("RGB")  # 612x792 at 72 dpi
     pdf.close()
     assert full.size == reference.size
@@ -121,7 +122,7 @@ def test_pages_are_served_by_id_only(client):
 
 def test_text_is_escaped_by_construction(client):
     hits = client.post("/api/search", json={"query": "<b>bold</b>", "k": 6}).json()["hits"]
-    markup = next(h for h in hits if h["document_id"] == "markup.pdf")
+    markup = next(h for h in hits if h["document_name"] == "markup.pdf")
     assert markup["text"].splitlines() == [MARKUP_TITLE, MARKUP_LINE]  # JSON carries the text as it is
     page = client.get("/")
     assert page.headers["content-security-policy"].startswith("default-src 'none'; script-src 'self'")

@@ -1,6 +1,6 @@
 """A tiny page index for the web app tests: the sample PDFs of ``examples/sample_data.py`` plus a PDF whose
-text is markup (to check escaping), embedded by a tiny random ColPali (``tests/vision_rag/tiny_colpali.py``),
-with ``embedder.json`` recorded beside it as ``gemma-ground index`` does."""
+text is markup (to check escaping), ingested by ``vision_rag.index_paths`` with a tiny random ColPali
+(``tests/vision_rag/tiny_colpali.py``), with ``embedder.json`` recorded beside it as ``gemma-ground index`` does."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ MARKUP_LINE = "<img src=x onerror=alert(1)> & <b>bold</b>"
 @functools.cache
 def tiny_index() -> tuple[Path, object]:
     """(index directory, embedder): 6 pages in 3 PDFs, fp32 storage, pool factor 1."""
+    from vision_rag import Index, index_paths
     from vision_rag.colpali import ColPaliEmbedder, write_embedder_record
-    from vision_rag.index import Index
 
     root = Path(tempfile.mkdtemp(prefix="webapp-"))
     tokenizer = tiny_colpali.paligemma_tokenizer()
@@ -35,6 +35,7 @@ def tiny_index() -> tuple[Path, object]:
     pdfs.append(sample_data.write_pdf(root / "pdfs" / "markup.pdf", [(MARKUP_TITLE, [MARKUP_LINE], (0.1, 0.1, 0.1))]))
     with Index.open(root / "index", create=True, model_id=embedder.model_id, dim=embedder.dim,
                     storage="fp32") as index:
-        sample_data.index_pdfs(index, embedder, pdfs)
+        report = index_paths(index, embedder, [pdfs[0].parent], dpi=50, progress=False)
+    assert len(report.files_indexed) == 3 and not report.files_failed, report
     write_embedder_record(root / "index", embedder)
     return root / "index", embedder

@@ -188,13 +188,16 @@ def _png_bytes(image) -> bytes:
 
 
 def similarity_grid(query_vectors, patch_vectors, grid: tuple[int, int]):
-    """Per image patch, the summed similarity of all query tokens, scaled to [0, 1], as a ``grid`` array.
+    """Per image patch, the summed similarity of all query tokens (vision_rag's per-token similarity maps,
+    added up), scaled to [0, 1]: one ``grid`` array for the whole query.
 
     The ColPali page image is resized to a square without keeping its aspect ratio, so the grid covers
     the whole page image, stretched likewise."""
     import numpy as np
 
-    sims = (query_vectors @ patch_vectors.T).sum(0).float().numpy().reshape(grid)
+    from vision_rag import similarity_maps
+
+    sims = similarity_maps(query_vectors, patch_vectors, grid).sum(0)
     low, high = float(sims.min()), float(sims.max())
     return (sims - low) / (high - low) if high > low else np.zeros_like(sims)
 

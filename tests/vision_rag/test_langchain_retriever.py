@@ -2,8 +2,8 @@
 checks against an independent computation (MaxSim by its definition over the embedder's own page vectors,
 the PDF text written by the test, pypdfium2 rendering).
 
-The index holds 5 pages of two generated PDFs (with a text layer), embedded by a tiny random ColPali
-(``tests/vision_rag/tiny_colpali.py``).
+The index holds 5 pages of two generated PDFs (with a text layer), ingested by ``vision_rag.index_paths`` at
+50 dpi with a tiny random ColPali (``tests/vision_rag/tiny_colpali.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from langchain_core.documents import Document
 from langchain_tests.integration_tests import RetrieversIntegrationTests
 
+from vision_rag import index_paths
 from vision_rag.colpali import ColPaliEmbedder
 from vision_rag.index import Index, ModelMismatchError
 from vision_rag.langchain import PageRetriever, PageSourceError, page_image, page_text
@@ -40,7 +41,7 @@ def tiny_setup() -> tuple[Path, ColPaliEmbedder, list[Path]]:
     embedder = ColPaliEmbedder.load(checkpoint)
     pdfs = sample_data.write_sample_pdfs(root / "pdfs")
     with Index.open(root / "index", create=True, model_id=embedder.model_id, dim=embedder.dim, storage="fp32") as index:
-        sample_data.index_pdfs(index, embedder, pdfs)
+        index_paths(index, embedder, pdfs, dpi=50, progress=False)
     return root / "index", embedder, pdfs
 
 
@@ -84,7 +85,7 @@ def test_ranking_and_scores_match_maxsim_over_directly_embedded_pages():
             (vectors,) = embedder.embed_pages([image], progress=False)
             expected[(path.name, number)] = maxsim_by_definition(q, vectors)
         pdf.close()
-    got = {(d.metadata["document_id"], d.metadata["page_number"]): d.metadata["score"] for d in docs}
+    got = {(Path(d.metadata["source"]).name, d.metadata["page_number"]): d.metadata["score"] for d in docs}
     assert set(got) == set(expected)
     for key, score in got.items():
         # Same fp32 vectors on both sides; only the summation order differs.
@@ -99,22 +100,24 @@ def test_document_text_metadata_images_and_filters(tmp_path):
     retriever = PageRetriever(index=str(index_dir), embedder=embedder, k=5,
                               image_url_template="/api/pages/{page_id}/image", image_dir=str(tmp_path / "img"))
     docs = retriever.invoke("invoice")
-    by_page = {(d.metadata["document_id"], d.metadata["page_number"]): d for d in docs}
+    by_page = {(Path(d.metadata["source"]).name, d.metadata["page_number"]): d for d in docs}
     for name, pages in sample_data.SAMPLE_PAGES.items():
         for number, (title, lines, _colour) in enumerate(pages):
             doc = by_page[(name, number)]
             # The text layer is what the PDF writer put there, line by line.
             assert [line.strip() for line in doc.page_content.splitlines()] == [title, *lines]
-            assert doc.metadata["source"] == str((pdfs[0].parent / name).resolve())
+            assert doc.metadata["source"] == doc.metadata["document_id"] == str((pdfs[0].parent / name).resolve())
             assert doc.metadata["image_url"] == f"/api/pages/{doc.metadata['page_id']}/image"
             png = Path(doc.metadata["image_path"])
             assert png.is_file() and png.parent == tmp_path / "img"
-    only = retriever.invoke("invoice", k=5, filter={"document_id": "report.pdf"})
+    report = str(pdfs[1].resolve())
+    only = retriever.invoke("invoice", k=5, filter={"document_id": report})
     assert sorted(d.metadata["page_number"] for d in only) == [0, 1, 2]
-    assert {d.metadata["document_id"] for d in only} == {"report.pdf"}
+    assert {d.metadata["document_id"] for d in only} == {report}
     from vision_rag.index import SearchFilter
 
-    typed = PageRetriever(index=str(index_dir), embedder=embedder, k=5, filter=SearchFilter(document_id="invoice.pdf"))
+    typed = PageRetriever(index=str(index_dir), embedder=embedder, k=5,
+                          filter=SearchFilter(document_id=str(pdfs[0].resolve())))
     assert sorted(d.metadata["page_number"] for d in typed.invoke("invoice")) == [0, 1]
     prefix = str(pdfs[0].parent.resolve() / "rep")
     assert len(retriever.invoke("invoice", filter=SearchFilter(source_path_prefix=prefix))) == 3
