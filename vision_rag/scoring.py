@@ -11,18 +11,23 @@ Why it is fast on this kind of CPU: half precision arithmetic on CPUs is emulate
 are converted to fp32 a chunk at a time (a few tens of thousands of tokens, so the fp32 copy and the
 ``(query tokens, chunk tokens)`` similarity block stay in cache-friendly sizes), every query token of
 every query is multiplied against the chunk in ONE matrix product, and the per-page max and per-query
-sum are reductions over that block. The matrix product goes through NumPy (OpenBLAS): on the AMD
-EPYC machine this project is developed on it is about 2x faster than torch's MKL for this shape.
+sum are reductions over that block (torch for the conversion and product, NumPy for the reductions).
 
 On CUDA tensors :func:`maxsim` calls the Triton kernel in ``kernels.maxsim``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+# Below this many multiply-adds a call runs on one thread: measured on the shared 2-core machine,
+# small products and fp16 -> fp32 copies are 5-25x slower on two threads (the hand-off between
+# threads costs more than the work, worse when other processes hold the cores).
+SINGLE_THREAD_BELOW_MACS = 2_000_000_000
 
 # Tokens converted to fp32 and scored per step. 16k tokens x 128 dims = 8 MB fp32; with 400 query
 # tokens the similarity block is 26 MB. Measured on 2 cores: 8k-64k tokens are within a few percent.
@@ -110,11 +115,22 @@ def maxsim_packed(
             "offsets must start at 0, end at the number of token rows and increase strictly (no empty pages)"
         )
     n_pages = len(offsets) - 1
+    rows = q_block.shape[0]
+    threads = torch.get_num_threads()
+    if threads > 1 and rows * vectors.shape[0] * vectors.shape[1] < SINGLE_THREAD_BELOW_MACS:
+        torch.set_num_threads(1)
+    try:
+        return _maxsim_chunks(q_block, q_offsets, vectors, offsets, n_pages, rows, chunk_tokens)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _maxsim_chunks(q_block, q_offsets, vectors, offsets, n_pages, rows, chunk_tokens) -> np.ndarray:
     out = np.empty((len(q_offsets) - 1, n_pages), dtype=np.float32)
     lengths = np.diff(offsets)
-    rows = q_block.shape[0]
-    fp32_buffer = np.empty((max(chunk_tokens, int(lengths.max())), vectors.shape[1]), dtype=np.float32)
-    sim_buffer = np.empty((rows * fp32_buffer.shape[0],), dtype=np.float32)
+    queries = torch.from_numpy(q_block)
+    fp32_buffer = torch.empty((max(chunk_tokens, int(lengths.max())), vectors.shape[1]), dtype=torch.float32)
+    sim_buffer = torch.empty((rows * fp32_buffer.shape[0],), dtype=torch.float32)
 
     first = 0
     while first < n_pages:
@@ -124,9 +140,12 @@ def maxsim_packed(
         t0, t1 = int(offsets[first]), int(offsets[last])
         n_tokens = t1 - t0
         chunk = fp32_buffer[:n_tokens]
-        np.copyto(chunk, vectors[t0:t1], casting="unsafe")
-        sim = sim_buffer[: rows * n_tokens].reshape(rows, n_tokens)
-        np.matmul(q_block, chunk.T, out=sim)
+        with warnings.catch_warnings():  # read-only memmaps: torch warns, but we only read
+            warnings.simplefilter("ignore", UserWarning)
+            chunk.copy_(torch.from_numpy(np.ascontiguousarray(vectors[t0:t1])))
+        sim_t = sim_buffer[: rows * n_tokens].view(rows, n_tokens)
+        torch.mm(queries, chunk.T, out=sim_t)
+        sim = sim_t.numpy()
         chunk_lengths = lengths[first:last]
         if np.all(chunk_lengths == chunk_lengths[0]):  # common case: a free reshape, no index work
             page_max = sim.reshape(rows, last - first, int(chunk_lengths[0])).max(axis=2)

