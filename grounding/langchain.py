@@ -141,9 +141,9 @@ class _Generation:
         self.finish_reason: Literal["stop", "length"] = "length"
 
     def pieces(self) -> Iterator[str]:
-        from models.generate import _TextStream, stream_ids
+        from models.generate import TextStream, stream_ids
 
-        text = _TextStream(self.tokenizer, self.stop, self.settings["stop_token_ids"])
+        text = TextStream(self.tokenizer, self.stop, self.settings["stop_token_ids"])
         with _model_lock(self.model):
             for step in stream_ids(self.model, [self.prompt_ids], **self.settings):
                 if step[0] is None:

@@ -117,7 +117,9 @@ class GemmaConfig:
         if self.architecture == "gemma":
             out["rope_theta"] = self.rope_theta
             return out
-        out.update(query_pre_attn_scalar=self.query_pre_attn_scalar, sliding_window=self.sliding_window,
+        scalar = self.query_pre_attn_scalar
+        scalar = int(scalar) if scalar is not None and float(scalar).is_integer() else scalar
+        out.update(query_pre_attn_scalar=scalar, sliding_window=self.sliding_window,
                    layer_types=list(self.layer_types), final_logit_softcapping=self.final_logit_softcapping,
                    attn_logit_softcapping=self.attn_logit_softcapping)
         if self.architecture == "gemma2":

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["generate", "generate_ids", "stream_ids", "sample_next", "GenerationError"]
+__all__ = ["generate", "generate_ids", "stream_ids", "sample_next", "GenerationError", "TextStream"]
 
 
 class GenerationError(ValueError):
@@ -146,7 +146,7 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool, add_bos: bool) -> list[int]:
     return tokenizer.encode(text, add_bos=add_bos and not bos_in_text)
 
 
-class _TextStream:
+class TextStream:
     """Turns a growing list of token ids into text pieces, honouring stop strings.
 
     Text is re-decoded from the start each step (correct across multi-token characters and the
@@ -223,7 +223,7 @@ def generate(model, tokenizer, prompt: str | Sequence[str], *, chat: bool = Fals
         raise GenerationError("stream=True takes a single prompt string")
     prompts = list(prompt)
     ids = [_prompt_ids(tokenizer, p, chat, add_bos) for p in prompts]
-    streams = [_TextStream(tokenizer, stop, stop_token_ids) for _ in prompts]
+    streams = [TextStream(tokenizer, stop, stop_token_ids) for _ in prompts]
     texts = [""] * len(prompts)
     for step in stream_ids(model, ids, **settings):
         for i, t in enumerate(step):
@@ -234,7 +234,7 @@ def generate(model, tokenizer, prompt: str | Sequence[str], *, chat: bool = Fals
 
 
 def _stream_text(model, tokenizer, ids, stop, settings) -> Iterator[str]:
-    text_stream = _TextStream(tokenizer, stop, settings["stop_token_ids"])
+    text_stream = TextStream(tokenizer, stop, settings["stop_token_ids"])
     for step in stream_ids(model, ids, **settings):
         piece = text_stream.push(step[0])
         if piece:
