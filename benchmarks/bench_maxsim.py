@@ -54,11 +54,14 @@ def bench_exact(args) -> None:
     queries = torch.nn.functional.normalize(torch.randn(args.queries, args.query_tokens, args.dim, generator=gen), dim=2)
     offsets = np.arange(args.pages + 1, dtype=np.int64) * args.page_tokens
 
-    t = time.perf_counter()
-    ours = maxsim_packed(list(queries), pages, offsets)
-    ours_s = time.perf_counter() - t
-    print(f"ours (packed, fp16 storage, fp32 chunks): {ours_s:.2f} s "
-          f"({2 * args.queries * args.query_tokens * pages.shape[0] * args.dim / ours_s / 1e9:.1f} GFLOP/s)")
+    flops = 2 * args.queries * args.query_tokens * pages.shape[0] * args.dim
+    timings = {}
+    for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
+        t = time.perf_counter()
+        ours = maxsim_packed(list(queries), pages, offsets, threads=threads)
+        timings[threads] = time.perf_counter() - t
+        print(f"ours (packed, fp16 storage, fp32 chunks, {threads} thread(s)): {timings[threads]:.2f} s "
+              f"({flops / timings[threads] / 1e9:.1f} GFLOP/s)", flush=True)
     if args.skip_reference:
         return
     page_list = list(pages.view(args.pages, args.page_tokens, args.dim))
@@ -66,7 +69,8 @@ def bench_exact(args) -> None:
     reference = colpali_engine_scores(list(queries.half()), page_list)
     ref_s = time.perf_counter() - t
     print(f"colpali-engine score_multi_vector algorithm (fp16): {ref_s:.2f} s")
-    print(f"speed-up: {ref_s / ours_s:.1f}x   max |ours - reference| = {np.abs(ours - reference.numpy()).max():.4f} "
+    speedups = "  ".join(f"{ref_s / s:.1f}x with {n} thread(s)" for n, s in timings.items())
+    print(f"speed-up: {speedups}   max |ours - reference| = {np.abs(ours - reference.numpy()).max():.4f} "
           "(reference rounds to fp16)")
 
 
@@ -178,7 +182,11 @@ def _bench_option(args, corpus, directory, option, settings, sizes, query_pages,
         queries = [queries_by_page[p] for p in query_pages[size]]
         t = time.perf_counter()
         truth = [[h.page_id for h in hits] for hits in index.search(queries, k=10, exact=True)]
-        exact_s = (time.perf_counter() - t) / len(queries)
+        exact_s = (time.perf_counter() - t) / len(queries)  # amortised: all queries in one pass
+        t = time.perf_counter()
+        for q in queries[:3]:
+            index.search(q, k=10, exact=True)
+        single_exact_s = (time.perf_counter() - t) / 3  # one query alone (what a user's search costs)
         vec_bytes, ann_bytes = _dir_bytes(directory)
         for nprobe, rerank in [tuple(int(x) for x in s.split("/")) for s in args.ann_settings.split(",")]:
             handle = Index.open(directory, nprobe=nprobe, rerank=rerank)
@@ -189,14 +197,15 @@ def _bench_option(args, corpus, directory, option, settings, sizes, query_pages,
             print(f"{option:11s} {size:6d} pages  nprobe {nprobe:3d} rerank {rerank:4d}: p50 {np.percentile(ms, 50):7.1f} ms "
                   f"p95 {np.percentile(ms, 95):7.1f} ms  recall@10 {recall:.3f}", flush=True)
         print(f"{option:11s} {size:6d} pages  build {build_s:7.1f} s (cumulative, {1000 * build_s / size:.1f} ms/page)  "
-              f"exact search {exact_s * 1000:.0f} ms/query ({exact_s * 1e6 / size:.1f} us/page)  "
+              f"exact search {single_exact_s * 1000:.0f} ms for one query ({single_exact_s * 1e6 / size:.1f} us/page), "
+              f"{exact_s * 1000:.0f} ms/query for {len(queries)} at once  "
               f"bytes/page {(vec_bytes + ann_bytes) / size / 1024:.1f} KB "
               f"(vectors {vec_bytes / size / 1024:.1f} KB + token index {ann_bytes / size / 1024:.1f} KB)", flush=True)
         if len(rows) and rows[-1][0] == size:
             best = min((r for r in rows if r[0] == size), key=lambda r: (r[5] < 0.95, r[3]))
-            crossover = best[3] / 1000 / (exact_s / size)
+            crossover = best[3] / 1000 / (single_exact_s / size)
             print(f"{option:11s} {size:6d} pages  exact/IVF crossover at ~{crossover:.0f} pages "
-                  f"(IVF p50 {best[3]:.1f} ms / exact {exact_s * 1e6 / size:.1f} us per page)", flush=True)
+                  f"(IVF p50 {best[3]:.1f} ms / exact {single_exact_s * 1e6 / size:.1f} us per page, one query)", flush=True)
     index.close()
     if len(sizes) >= 2:
         s0, s1 = sizes[0], sizes[-1]

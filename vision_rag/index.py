@@ -68,27 +68,27 @@ METADATA_VALUE = str | int | float | bool | None
 # Errors
 
 
-class IndexError_(RuntimeError):
+class VisionIndexError(RuntimeError):
     """Base class of the errors of this module."""
 
 
-class IndexFormatError(IndexError_):
+class IndexFormatError(VisionIndexError):
     """The directory is not an index this version can read (missing/corrupt/newer manifest)."""
 
 
-class ModelMismatchError(IndexError_):
+class ModelMismatchError(VisionIndexError):
     """The index was built by a different embedding model than the one given."""
 
 
-class IndexSettingsError(IndexError_, ValueError):
+class IndexSettingsError(VisionIndexError, ValueError):
     """Invalid settings or inputs (wrong dimension, unknown storage, too little data to train ...)."""
 
 
-class IndexLockedError(IndexError_):
+class IndexLockedError(VisionIndexError):
     """Another process holds the index for writing."""
 
 
-class PageNotFoundError(IndexError_, KeyError):
+class PageNotFoundError(VisionIndexError, KeyError):
     """No live page with this id."""
 
 

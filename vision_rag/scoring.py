@@ -95,12 +95,14 @@ def maxsim_packed(
     *,
     query_lens=None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Exact MaxSim of every query against every packed page -> ``(Q, N)`` float32.
 
     ``queries``: one ``(Lq, D)`` matrix, a list of them (lengths may differ), or a padded
     ``(Q, Lq, D)`` array with optional ``query_lens``. ``vectors``: ``(T, D)`` fp16/fp32 (a NumPy
     memmap works: only one chunk is read into memory at a time). ``offsets``: ``(N + 1,)``.
+    ``threads``: torch threads for this call; None: one thread for small calls, torch's setting otherwise.
     """
     q_block, q_offsets = _query_block(queries, query_lens)
     vectors = _as_numpy(vectors)
@@ -116,13 +118,14 @@ def maxsim_packed(
         )
     n_pages = len(offsets) - 1
     rows = q_block.shape[0]
-    threads = torch.get_num_threads()
-    if threads > 1 and rows * vectors.shape[0] * vectors.shape[1] < SINGLE_THREAD_BELOW_MACS:
-        torch.set_num_threads(1)
+    previous = torch.get_num_threads()
+    if threads is None:
+        threads = 1 if rows * vectors.shape[0] * vectors.shape[1] < SINGLE_THREAD_BELOW_MACS else previous
+    torch.set_num_threads(threads)
     try:
         return _maxsim_chunks(q_block, q_offsets, vectors, offsets, n_pages, rows, chunk_tokens)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
 def _maxsim_chunks(q_block, q_offsets, vectors, offsets, n_pages, rows, chunk_tokens) -> np.ndarray:
