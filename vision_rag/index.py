@@ -6,10 +6,11 @@ query token asks an IVF index for its nearest page tokens), the candidates are r
 similarities FAISS returned, and the best of them are rescored exactly from the stored vectors.
 
 Why IVF and not HNSW for the token index (measured by ``benchmarks/bench_maxsim.py`` on 2 cores):
-a collection of 20,000 pages is 20.6 million token vectors. At 200 pages both reach recall@10 ~1.0
-at ~11-12 ms per query, but HNSW costs 797 KB of token index per page (fp32 vectors + graph) against
-29 KB for IVF-PQ (16-byte codes + 8-byte ids), and builds at 68 ms/page against 36 ms/page (HNSW
-insertion also slows as the graph grows); at 20,000 pages HNSW would need ~16 GB of RAM. IVF-PQ
+a collection of 20,000 pages is 20.6 million token vectors. At 200 pages both reach recall@10
+0.97-0.99 at ~11 ms per query, but HNSW costs 797 KB of token index per page (fp32 vectors + graph)
+against 29 KB for IVF-PQ (16-byte codes + 8-byte ids), and builds 1.5-2x slower (32-68 vs 22-36
+ms/page over two runs; HNSW insertion also slows as the graph grows); at 20,000 pages HNSW would
+need ~16 GB of RAM. IVF-PQ
 is trained once, on the first pages, and new pages are added to it without retraining.
 ``ann="hnsw"`` remains available for small collections.
 
@@ -59,9 +60,9 @@ ANN_KINDS = ("auto", "exact", "ivf", "hnsw")
 
 # With ann="auto" pages are scored exhaustively below this many pages and through the IVF token index
 # from there on. Measured by benchmarks/bench_maxsim.py (fp16 storage, one 20-token query, 2 cores):
-# exhaustive scoring costs ~0.3 ms per page (mostly the fp16 -> fp32 conversion) while the IVF path
-# costs a near-constant ~20-40 ms, so they meet at a few hundred pages.
-DEFAULT_EXACT_BELOW_PAGES = 256
+# exhaustive scoring costs ~50-80 us per page while the IVF path costs ~10-15 ms at 5,000 pages, so
+# they meet at ~150-300 pages.
+DEFAULT_EXACT_BELOW_PAGES = 200
 MAX_SEGMENTS = 16  # more segments than this are merged into one at commit (each is searched apart)
 METADATA_VALUE = str | int | float | bool | None
 
