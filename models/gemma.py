@@ -290,8 +290,11 @@ class GemmaLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head (tied) plus Gemma 2's final soft-capping."""
-        weight = self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
-        out = F.linear(hidden, weight)
+        if hasattr(self, "lm_head_int8"):  # models.quantize.quantize_int8
+            out = self.lm_head_int8(hidden)
+        else:
+            weight = self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
+            out = F.linear(hidden, weight)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             out = torch.tanh(out / cap) * cap
