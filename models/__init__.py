@@ -11,7 +11,7 @@ import importlib
 
 # ``generate`` is both a submodule and a function: bind the function eagerly, or the first import of
 # the submodule would replace it on the package and ``from models import generate`` would get a module.
-from .generate import generate, generate_ids
+from .generate import generate, generate_ids  # noqa: F401  (exported through __all__)
 
 _EXPORTS = {
     "ConfigError": "config", "GemmaConfig": "config", "preset": "config", "preset_names": "config",

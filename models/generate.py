@@ -129,7 +129,7 @@ def generate_ids(model, prompts, *, max_new_tokens: int = 64, temperature: float
     outputs: list[list[int]] = [[] for _ in rows]
     for step in stream_ids(model, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, stop_token_ids=stop_token_ids):
-        for out, t in zip(outputs, step):
+        for out, t in zip(outputs, step, strict=True):
             if t is not None:
                 out.append(t)
     return outputs
@@ -230,7 +230,7 @@ def generate(model, tokenizer, prompt: str | Sequence[str], *, chat: bool = Fals
             texts[i] += streams[i].push(t)
         if all(s.finished for s in streams):
             break
-    return [text + s.flush() for text, s in zip(texts, streams)]
+    return [text + s.flush() for text, s in zip(texts, streams, strict=True)]
 
 
 def _stream_text(model, tokenizer, ids, stop, settings) -> Iterator[str]:
