@@ -118,7 +118,8 @@ def test_codec_storage_reconstructs_and_ranks(tmp_path, storage, min_cosine):
     index = Index.open(tmp_path / storage, create=True, model_id="m", dim=64, storage=storage, ann="exact", pq_m=16)
     ids = index.add([(record(i), p) for i, p in enumerate(pages)])
     stored_bytes = np.load(next((tmp_path / storage / "data").glob("seg-*.npy")), mmap_mode="r")
-    assert stored_bytes.dtype == np.uint8 and stored_bytes.shape == (120 * 40, 64 if storage == "sq8" else 16)
+    # sq8: one byte per dimension; pq: 1 byte of coarse list id (4800 // 39 = 123 lists) + pq_m=16 bytes.
+    assert stored_bytes.dtype == np.uint8 and stored_bytes.shape == (120 * 40, 64 if storage == "sq8" else 17)
     for pid in ids[:10]:
         decoded = index.vectors(pid).numpy()
         cosine = (unit_rows(decoded) * pages[pid]).sum(1)
