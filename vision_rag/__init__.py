@@ -4,7 +4,7 @@ MaxSim rescoring, and similarity maps.
 Public API: :class:`Index` (``open`` / ``add`` / ``delete`` / ``update`` / ``search`` / ``commit``),
 :class:`PageRecord`, :class:`Page`, :class:`Hit`, :class:`SearchFilter`, :func:`index_paths` with its
 :class:`IngestReport`, :func:`maxsim` / :func:`maxsim_packed` / :func:`top_k`, :func:`similarity_maps`
-and :func:`save_similarity_maps`. Submodules import lazily so ``import vision_rag`` stays cheap.
+and :func:`save_similarity_maps`; the embedder :class:`ColPaliEmbedder` (with :class:`ColPaliSettings`). Submodules import lazily so ``import vision_rag`` stays cheap.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ _EXPORTS = {
     "BadFileError": "ingest",
     "maxsim": "scoring", "maxsim_packed": "scoring", "pack_pages": "scoring", "top_k": "scoring",
     "similarity_maps": "simmap", "save_similarity_maps": "simmap",
+    "ColPaliEmbedder": "colpali", "ColPaliSettings": "colpali", "load_colpali": "colpali",
 }
 
 __all__ = sorted(_EXPORTS)
