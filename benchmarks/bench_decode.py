@@ -74,26 +74,36 @@ def main() -> None:
         ref_tokens = ref.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, args.prompt_len:].tolist()
         same = sum(a == b for a, b in zip(ours_tokens, ref_tokens, strict=True))
 
-        # warm-up: the first call of each shape pays one-off kernel selection on CPU
-        generate_ids(ours, prompt, max_new_tokens=n, stop_token_ids=[])
-        ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        ours.setup_cache(1, args.prompt_len + n)
-        t_pre_ours = _timed(lambda: ours.logits(ours.hidden_states(prompt, input_pos=0)[:, -1]), args.repeats)
-        t_pre_ref = _timed(lambda: ref(prompt, logits_to_keep=1), args.repeats)
-        t_gen_ours = _timed(lambda: generate_ids(ours, prompt, max_new_tokens=n, stop_token_ids=[]), args.repeats)
-        t_gen_ref = _timed(lambda: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                pad_token_id=0), args.repeats)
-
         from models.quantize import quantize_int8
 
         ours_int8 = quantize_int8(load_model(source, dtype=torch.float32))
         int8_tokens = generate_ids(ours_int8, prompt, max_new_tokens=n, stop_token_ids=[])[0]
         agree = next((i for i, (a, b) in enumerate(zip(int8_tokens, ours_tokens, strict=True)) if a != b), n)
-        ours_int8.setup_cache(1, args.prompt_len + n)
-        t_pre_int8 = _timed(lambda: ours_int8.logits(ours_int8.hidden_states(prompt, input_pos=0)[:, -1]),
-                            args.repeats)
-        t_gen_int8 = _timed(lambda: generate_ids(ours_int8, prompt, max_new_tokens=n, stop_token_ids=[]),
-                            args.repeats)
+
+        def our_prefill(model):
+            model.setup_cache(1, args.prompt_len + n)
+            return lambda: model.logits(model.hidden_states(prompt, input_pos=0)[:, -1])
+
+        contestants = {
+            "ours": (our_prefill(ours), lambda: generate_ids(ours, prompt, max_new_tokens=n, stop_token_ids=[])),
+            "ref": (lambda: ref(prompt, logits_to_keep=1),
+                    lambda: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)),
+            "int8": (our_prefill(ours_int8),
+                     lambda: generate_ids(ours_int8, prompt, max_new_tokens=n, stop_token_ids=[])),
+        }
+        # Rounds interleave the contestants so that a change in machine load hits all of them alike;
+        # the first round is a warm-up (the first call of each shape pays one-off kernel selection).
+        times = {name: ([], []) for name in contestants}
+        for round_ in range(args.repeats + 1):
+            for name, (prefill, gen) in contestants.items():
+                t_pre, t_gen = _timed(prefill, 1), _timed(gen, 1)
+                if round_:
+                    times[name][0].append(t_pre)
+                    times[name][1].append(t_gen)
+        med = {name: (statistics.median(p), statistics.median(g)) for name, (p, g) in times.items()}
+        t_pre_ours, t_gen_ours = med["ours"]
+        t_pre_ref, t_gen_ref = med["ref"]
+        t_pre_int8, t_gen_int8 = med["int8"]
 
     dec_int8 = (n - 1) / max(t_gen_int8 - t_pre_int8, 1e-9)
     dec_ours = (n - 1) / max(t_gen_ours - t_pre_ours, 1e-9)

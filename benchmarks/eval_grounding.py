@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({report['answerable']} answerable, {report['unanswerable']} no-data/out-of-scope)")
     print(f"resolution accuracy  {report['resolution_accuracy']:.1%}   (paper, Data Commons NL: ~58%)")
     print(f"coverage             {report['coverage']:.1%}")
-    print(f"abstention           {report['abstention']:.1%}")
+    if report["abstention"] is not None:  # None when the set has no unanswerable questions
+        print(f"abstention           {report['abstention']:.1%}")
     print(f"overall              {report['overall']:.1%}")
     print(f"time                 {report['seconds']:.2f} s ({report['ms_per_question']:.1f} ms/question)")
     for f in report["failures"]:
