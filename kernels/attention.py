@@ -259,6 +259,21 @@ if triton is not None:
         return s
 
     @triton.jit
+    def _online_softmax_step(s, v, m_i, l_i, acc, FP32: tl.constexpr):
+        """Fold one tile of base-2 scores ``s`` and values ``v`` into the running max, sum and output."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead (no NaN).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _visible(qpos, kpos, kv_len, prefix, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  HAS_PREFIX: tl.constexpr):
         """Which keys each query sees (the module docstring's rule); qpos ``(M, 1)``, kpos ``(1, N)``."""
@@ -367,18 +382,8 @@ if triton is not None:
                 visible = _visible(qpos[:, None], kpos[None, :], kv_len, prefix, window, CAUSAL, HAS_WINDOW,
                                    HAS_PREFIX)
                 s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead (no NaN).
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + kpos[:, None] * stride_vn, mask=k_valid[:, None] & d_valid[None, :], other=0.0)
-            if FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32)
 
         # Queries that see no key at all output zeros (the reference's rule).
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)

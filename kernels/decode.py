@@ -29,7 +29,7 @@ from .attention import (
 if triton is not None:
     import triton.language as tl
 
-    from .attention import _key_range, _row_values, _scores, _visible
+    from .attention import _key_range, _online_softmax_step, _row_values, _scores, _visible
 
 __all__ = ["decode_attention", "decode_attention_reference", "decode_attention_triton"]
 
@@ -125,17 +125,8 @@ if triton is not None:
             visible = _visible(pos + offs_g[:, None] * 0, kpos[None, :], kv_len, prefix, window, CAUSAL,
                                HAS_WINDOW, HAS_PREFIX)
             s = tl.where(visible & k_valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + kpos[:, None] * stride_vn, mask=k_valid[:, None] & d_valid[None, :], other=0.0)
-            if FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32)
 
         # Partials are indexed (row, query head, split); an empty chunk leaves m = -inf, l = 0.
         part = (b * q_heads + heads) * num_splits + split
