@@ -205,7 +205,7 @@ def _cmd_search(args) -> int:
 
 
 def _cmd_explain(args) -> int:
-    from .ingest import DEFAULT_DPI, file_hash, read_pages
+    from .ingest import DEFAULT_DPI, BadFileError, file_hash, read_page
     from .simmap import save_similarity_maps
 
     index_dir, index = _open_index(args.index)
@@ -217,9 +217,10 @@ def _cmd_explain(args) -> int:
         raise FileNotFoundError(f"page {args.page_id} was indexed from {source}, which is gone")
     if page.content_hash and file_hash(source) != page.content_hash:
         raise ValueError(f"{source} changed since page {args.page_id} was indexed; re-index it first")
-    image = next((im for n, im in enumerate(read_pages(source, args.dpi or DEFAULT_DPI)) if n == page.page_number), None)
-    if image is None:
-        raise ValueError(f"{source} has no page {page.page_number + 1} any more; re-index it")
+    try:
+        image = read_page(source, page.page_number, args.dpi or DEFAULT_DPI)
+    except BadFileError as e:
+        raise ValueError(str(e)) from None
     # The page is embedded again (not read from the index): stored vectors may be pooled or compressed,
     # and the map needs one vector per patch.
     (page_vectors,) = embedder.embed_pages([image], progress=False)

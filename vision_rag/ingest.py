@@ -107,17 +107,48 @@ def render_pdf(path: Path, dpi: int = DEFAULT_DPI) -> Iterator[Image.Image]:
         if len(pdf) == 0:
             raise BadFileError(f"{path}: the PDF has no pages")
         for number in range(len(pdf)):
-            try:
-                page = pdf[number]
-                bitmap = page.render(scale=dpi / 72)
-                image = bitmap.to_pil().convert("RGB")
-            except BadFileError:
-                raise
-            except Exception as exc:
-                raise BadFileError(f"{path}: page {number + 1} cannot be rendered ({exc})") from exc
-            yield image
+            yield _render_pdf_page(pdf, number, path, dpi / 72)
     finally:
         pdf.close()
+
+
+def _render_pdf_page(pdf, number: int, path: Path, scale: float) -> Image.Image:
+    try:
+        return pdf[number].render(scale=scale).to_pil().convert("RGB")
+    except Exception as exc:
+        raise BadFileError(f"{path}: page {number + 1} cannot be rendered ({exc})") from exc
+
+
+def read_page(path: str | Path, page_number: int, dpi: int = DEFAULT_DPI, max_side: int | None = None) -> Image.Image:
+    """One page of a file as an RGB image, rendered exactly as :func:`read_pages` renders it (without
+    rendering the pages before it). ``max_side`` shrinks it, keeping the aspect ratio."""
+    path = Path(path)
+    if path.suffix.lower() in PDF_SUFFIXES:
+        import pypdfium2 as pdfium
+
+        try:
+            pdf = pdfium.PdfDocument(str(path))
+        except Exception as exc:  # PdfiumError, or OSError for unreadable files
+            raise BadFileError(f"{path}: not a readable PDF ({exc})") from exc
+        try:
+            if not 0 <= page_number < len(pdf):
+                raise BadFileError(f"{path} has {len(pdf)} pages; page {page_number + 1} is gone (re-index it)")
+            scale = dpi / 72
+            if max_side:
+                scale = min(scale, max_side / max(pdf[page_number].get_size()))
+            image = _render_pdf_page(pdf, page_number, path, scale)
+        finally:
+            pdf.close()
+    else:
+        try:
+            with Image.open(path) as opened:
+                opened.seek(page_number)  # multi-page TIFF: the page is a frame
+                image = opened.convert("RGB")
+        except (OSError, EOFError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+            raise BadFileError(f"{path}: cannot read frame {page_number} ({exc})") from exc
+    if max_side and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side))
+    return image
 
 
 def read_image_pages(path: Path) -> Iterator[Image.Image]:

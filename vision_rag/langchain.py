@@ -71,39 +71,16 @@ def page_text(page) -> str:
 def page_image(page, dpi: int = DEFAULT_DPI, max_side: int | None = None):
     """The page as an RGB PIL image: a PDF page rendered at ``dpi``, or the frame of an image file.
     ``max_side`` shrinks it (keeping the aspect ratio) so neither side exceeds it."""
-    from PIL import Image
+    from .ingest import BadFileError, read_page
 
     source, number = _page_fields(page)
     if not source or not Path(source).is_file():
         raise PageSourceError(f"the source file of this page is missing: {source or '(none recorded)'}")
-    if source.lower().endswith(PDF_SUFFIXES):
-        import pypdfium2 as pdfium
-
-        with _PDFIUM:
-            try:
-                pdf = pdfium.PdfDocument(source)
-            except (OSError, pdfium.PdfiumError) as e:
-                raise PageSourceError(f"cannot open {source} to render page {number + 1}: {e}") from None
-            try:
-                if not 0 <= number < len(pdf):
-                    raise PageSourceError(f"{source} has {len(pdf)} pages; page {number + 1} is gone (re-index it)")
-                scale = dpi / 72
-                if max_side:
-                    width, height = pdf[number].get_size()
-                    scale = min(scale, max_side / max(width, height))
-                image = pdf[number].render(scale=scale).to_pil().convert("RGB")
-            finally:
-                pdf.close()
-    else:
+    with _PDFIUM:
         try:
-            with Image.open(source) as opened:
-                opened.seek(number)  # multi-page TIFF: the page is a frame
-                image = opened.convert("RGB")
-        except (OSError, EOFError) as e:
-            raise PageSourceError(f"cannot read frame {number} of {source}: {e}") from None
-    if max_side and max(image.size) > max_side:
-        image.thumbnail((max_side, max_side))
-    return image
+            return read_page(source, number, dpi=dpi, max_side=max_side)
+        except BadFileError as e:
+            raise PageSourceError(str(e)) from None
 
 
 class PageRetriever(BaseRetriever):

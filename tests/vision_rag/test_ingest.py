@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vision_rag.index import Index, ModelMismatchError
-from vision_rag.ingest import index_paths, read_pages
+from vision_rag.ingest import BadFileError, index_paths, read_page, read_pages
 
 
 class ColourEmbedder:
@@ -94,6 +94,17 @@ def test_pdf_rendered_at_chosen_dpi(tmp_path, corpus):
     index_paths(open_index(tmp_path), embedder, corpus / "report.pdf", dpi=144, progress=False)
     assert embedder.sizes == [(120, 160)] * 3  # 60x80 pt pages at 2 px per point
     assert [im.size for im in read_pages(corpus / "report.pdf", dpi=36)] == [(30, 40)] * 3
+
+
+@pytest.mark.parametrize("name", ["report.pdf", "nested/deeper/fax.tiff"])
+def test_one_page_renders_exactly_as_in_the_whole_file(corpus, name):
+    pages = list(read_pages(corpus / name, dpi=50))
+    for number, expected in enumerate(pages):
+        got = read_page(corpus / name, number, dpi=50)
+        assert got.size == expected.size and got.tobytes() == expected.tobytes()
+    assert max(read_page(corpus / name, 0, dpi=144, max_side=50).size) <= 50
+    with pytest.raises(BadFileError, match="page|frame"):
+        read_page(corpus / name, len(pages), dpi=50)
 
 
 def test_reindex_unchanged_is_noop_and_changed_replaces(tmp_path, corpus):
