@@ -16,29 +16,41 @@ Endpoints (GET, and POST with a JSON body for the ``/v2`` ones):
 
 Binds 127.0.0.1 by default. With ``api_key`` set, requests must carry it (``key``/``apikey`` parameter or
 ``X-API-Key`` header). Request logs never include query strings (they may hold keys).
+
+FastAPI on uvicorn, hardened by :mod:`grounding.asgi`: request bodies are validated by the pydantic models
+below (a wrongly typed field is a 400 naming the field), bounded in size and time, parsed without Python
+recursion; every malformed request, down to one that is not HTTP, gets a 4xx JSON error
+``{"code": <status>, "message": ...}``. :class:`StatsServer` holds the request logic, apart from HTTP.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import re
-import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .asgi import BackgroundServer, LimitedRequests, RequestLimits, hardened_protocol, run_server
 from .resolver import CASE_SENSITIVE_ALIASES, LocalSource, Resolution, normalize, stem
 from .store import Observation, Place, Store, open_default_store
 from .types import PointResult, TableResult
 
-__all__ = ["StatsServer", "RunningServer", "serve", "start_server", "format_number"]
+__all__ = ["StatsServer", "RunningServer", "serve", "start_server", "create_app", "format_number",
+           "NodeRequest", "ResolveRequest", "ObservationRequest", "RequestError", "RequestLimits"]
 
 log = logging.getLogger("grounding.server")
 
 V2_PREFIXES = ("/v2/", "/core/api/v2/")
+MAX_LIST_ITEMS = 5000  # Data Commons caps an observation request at 5000 series
+M = TypeVar("M", bound=BaseModel)
 NODE_EXPRESSION = re.compile(r"^(->|<-)\s*(\[[^\]]*\]|[\w*]+)?(\+)?(?:\{typeOf:\s*(\w+)\})?$")
 ENTITY_EXPRESSION = re.compile(r"^\s*([^<\s]+)\s*<-containedInPlace(\+)?(?:\{typeOf:\s*(\w+)\})?\s*$")
 DESCRIPTION_EXPRESSION = re.compile(r"^<-description(?:\{typeOf:\s*(\w+)\})?->dcid$")
@@ -60,9 +72,61 @@ def _csv_line(cells: list[Any]) -> str:
 
 
 class RequestError(Exception):
+    """A request this server cannot answer: ``status`` is the HTTP status (4xx), the message says why."""
+
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+# -- request bodies (POST JSON, or the same fields as GET parameters) ----------------------------------------
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Dcids = list[str]
+
+
+class _Request(BaseModel):
+    # Fields of Data Commons requests this server does not use (nextToken, filter ...) are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+
+class NodeRequest(_Request):
+    nodes: Dcids = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
+    property: str = Field("", max_length=1000)
+
+    _one_or_many = field_validator("nodes", mode="before")(_as_list)
+
+
+class ResolveRequest(_Request):
+    nodes: list[str] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
+    property: str | None = Field(None, max_length=1000)
+    resolver: str | None = Field(None, max_length=100)
+
+    _one_or_many = field_validator("nodes", mode="before")(_as_list)
+
+
+class DcidSelection(_Request):
+    dcids: Dcids = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
+
+    _one_or_many = field_validator("dcids", mode="before")(_as_list)
+
+
+class EntitySelection(DcidSelection):
+    expression: str | None = Field(None, max_length=1000)
+
+
+class ObservationRequest(_Request):
+    date: str = Field("", max_length=100)  # "LATEST", "" (every date) or a date
+    variable: DcidSelection = Field(default_factory=DcidSelection)  # no dcids: which variables have data
+    entity: EntitySelection = Field(default_factory=EntitySelection)
+    select: list[str] | None = Field(None, max_length=10)
+
+    @field_validator("date", mode="before")
+    @classmethod
+    def _no_date(cls, value: Any) -> Any:
+        return "" if value is None else value
 
 
 class StatsServer:
@@ -229,26 +293,29 @@ class StatsServer:
 
     # ---- /v2/observation ------------------------------------------------------------------------------
 
-    def observation(self, body: dict[str, Any]) -> dict[str, Any]:
-        variables = (body.get("variable") or {}).get("dcids") or []
-        entity = body.get("entity") or {}
-        date = str(body.get("date") or "")
-        select = body.get("select") or ["date", "variable", "entity", "value"]
-        if isinstance(variables, str):
-            variables = [variables]
-        if not variables:
-            raise RequestError(400, "observation needs variable.dcids")
-        if entity.get("dcids"):
-            entities = [entity["dcids"]] if isinstance(entity["dcids"], str) else list(entity["dcids"])
-        elif entity.get("expression"):
-            match = ENTITY_EXPRESSION.match(entity["expression"])
+    def observation(self, body: ObservationRequest | dict[str, Any]) -> dict[str, Any]:
+        """``/v2/observation``. Without variable dcids it answers which variables have data for the
+        entities (as Data Commons does: ``byVariable -> byEntity -> {}``)."""
+        if not isinstance(body, ObservationRequest):
+            try:
+                body = ObservationRequest.model_validate(body)
+            except ValidationError as exc:
+                raise RequestError(400, _problems(exc)) from None
+        date = body.date
+        select = body.select or ["date", "variable", "entity", "value"]
+        if body.entity.dcids:
+            entities = list(body.entity.dcids)
+        elif body.entity.expression:
+            match = ENTITY_EXPRESSION.match(body.entity.expression)
             if not match:
-                raise RequestError(400, f"unsupported entity expression {entity['expression']!r}; use "
+                raise RequestError(400, f"unsupported entity expression {body.entity.expression!r}; use "
                                    "'<parent><-containedInPlace+{typeOf:Country}'")
             parent, transitive, place_type = match.groups()
             entities = [p.dcid for p in self._descendants(parent, bool(transitive) or parent == "Earth", place_type)]
         else:
             raise RequestError(400, "observation needs entity.dcids or entity.expression")
+        variables = list(body.variable.dcids) or sorted({v for e in entities for v in self.store.variables_with_data(e)})
+        wants_values = "value" in select or "date" in select
 
         facets: dict[str, dict[str, Any]] = {}
         by_variable: dict[str, Any] = {}
@@ -262,13 +329,17 @@ class StatsServer:
                     series = [o for o in series if o.date == date]
                 if not series:
                     continue
+                if not wants_values and "facet" not in select:
+                    by_entity[dcid] = {}  # existence only
+                    continue
                 facet_id = self._facet(series[-1], facets)
                 ordered = {"facetId": facet_id, "obsCount": len(series), "earliestDate": series[0].date,
                            "latestDate": series[-1].date}
-                if "value" in select or "date" in select:
+                if wants_values:
                     ordered["observations"] = [{"date": o.date, "value": o.value} for o in series]
                 by_entity[dcid] = {"orderedFacets": [ordered]}
-            by_variable[variable] = {"byEntity": by_entity}
+            if by_entity or body.variable.dcids:
+                by_variable[variable] = {"byEntity": by_entity}
         response: dict[str, Any] = {"byVariable": by_variable}
         if "facet" in select or "value" in select:
             response["facets"] = facets
@@ -287,119 +358,137 @@ class StatsServer:
         return facet_id
 
 
-def _list_param(params: dict[str, list[str]], name: str) -> list[str]:
+def _list_param(params, name: str) -> list[str]:
     """A repeated query parameter (``?nodes=a&nodes=b``); values are not split (names can hold commas)."""
-    return [value for value in params.get(name, []) if value.strip()]
+    return [value for value in params.getlist(name) if value.strip()]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _HTTPServer
-    protocol_version = "HTTP/1.1"
+def _first_param(params, name: str, default: str | None = None) -> str | None:
+    values = params.getlist(name)
+    return values[0] if values else default
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        # The request line can hold an API key: log the path only.
-        log.debug("%s %s -> %s", self.command, urlsplit(self.path).path, args[1] if len(args) > 1 else "")
 
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
-        body = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+def _node_request(params) -> dict[str, Any]:
+    return {"nodes": _list_param(params, "nodes"), "property": _first_param(params, "property", "")}
 
-    def _authorized(self, params: dict[str, list[str]]) -> bool:
-        expected = self.server.api_key
-        if not expected:
+
+def _resolve_request(params) -> dict[str, Any]:
+    return {"nodes": _list_param(params, "nodes"), "property": _first_param(params, "property"),
+            "resolver": _first_param(params, "resolver")}
+
+
+def _observation_request(params) -> dict[str, Any]:
+    return {"date": _first_param(params, "date", ""), "variable": {"dcids": _list_param(params, "variable.dcids")},
+            "entity": {"dcids": _list_param(params, "entity.dcids"),
+                       "expression": _first_param(params, "entity.expression")},
+            "select": _list_param(params, "select") or None}
+
+
+def _error_document(status: int, kind: str, message: str) -> dict[str, Any]:
+    """Errors in the shape this server always used: ``{"code": <HTTP status>, "message": ...}``."""
+    return {"code": status, "message": message}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(_error_document(status, "", message), status_code=status)
+
+
+def create_app(stats: StatsServer, *, api_key: str | None = None) -> FastAPI:
+    """The HTTP face of ``stats``: routes, API-key check, request models, JSON errors. Request bodies are
+    bounded by :class:`grounding.asgi.LimitedRequests` (see :func:`start_server`)."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
+
+    def authorized(request: Request) -> bool:
+        if not api_key:
             return True
-        given = self.headers.get("X-API-Key") or (params.get("key") or params.get("apikey") or [""])[0]
-        return hmac.compare_digest(given.encode(), expected.encode())
+        params = request.query_params
+        given = request.headers.get("X-API-Key") or _first_param(params, "key") or _first_param(params, "apikey", "")
+        return hmac.compare_digest(given.encode(), api_key.encode())
 
-    def _handle(self, body: dict[str, Any] | None) -> None:
-        url = urlsplit(self.path)
-        params = parse_qs(url.query, keep_blank_values=True)
-        app: StatsServer = self.server.app
+    async def answer(request: Request, handle: Callable[[Any, bytes], dict[str, Any]]) -> JSONResponse:
+        log.debug("%s %s", request.method, request.url.path)  # never the query string: it may hold a key
+        if not authorized(request):
+            return _error(401, "missing or wrong API key: pass key=... or the X-API-Key header")
+        body = await request.body() if request.method == "POST" else b""
         try:
-            if not self._authorized(params):
-                raise RequestError(401, "missing or wrong API key: pass key=... or the X-API-Key header")
-            path = url.path.rstrip("/")
-            if path == "/nodejs/query":
-                query = (params.get("q") or [""])[0]
-                mode = (params.get("mode") or ["toolformer_rig"])[0]
-                self._send(200, app.nl_query(query, mode))
-                return
-            prefix = next((p for p in V2_PREFIXES if url.path.startswith(p)), None)
-            endpoint = url.path[len(prefix):].strip("/") if prefix else None
-            body = body or {}
-            if endpoint == "node":
-                nodes = body.get("nodes") or _list_param(params, "nodes")
-                self._send(200, app.node([nodes] if isinstance(nodes, str) else nodes,
-                                         body.get("property") or (params.get("property") or [""])[0]))
-            elif endpoint == "resolve":
-                nodes = body.get("nodes") or _list_param(params, "nodes")
-                self._send(200, app.resolve([nodes] if isinstance(nodes, str) else nodes,
-                                            body.get("property") or (params.get("property") or [None])[0],
-                                            body.get("resolver") or (params.get("resolver") or [None])[0]))
-            elif endpoint == "observation":
-                if not body:
-                    body = {"date": (params.get("date") or [""])[0],
-                            "variable": {"dcids": _list_param(params, "variable.dcids")},
-                            "entity": {"dcids": _list_param(params, "entity.dcids"),
-                                       "expression": (params.get("entity.expression") or [None])[0]},
-                            "select": _list_param(params, "select") or None}
-                self._send(200, app.observation(body))
-            else:
-                raise RequestError(404, f"no endpoint at {url.path}; this server has /nodejs/query, "
-                                        "/v2/observation, /v2/resolve and /v2/node")
+            return JSONResponse(await run_in_threadpool(handle, request.query_params, body))
         except RequestError as exc:
-            self._send(exc.status, {"code": exc.status, "message": str(exc)})
-        except Exception:  # a bug must not kill the server thread; the client gets a 500
-            log.exception("error answering %s", url.path)
-            self._send(500, {"code": 500, "message": "internal error"})
+            return _error(exc.status, str(exc))
 
-    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
-        self._handle(None)
-
-    def do_POST(self) -> None:  # noqa: N802 (stdlib name)
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+    def parsed(model: type[M], body: bytes, from_params: dict[str, Any]) -> M:
         try:
-            body = json.loads(raw) if raw else {}
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            self._send(400, {"code": 400, "message": "the request body must be a JSON object"})
-            return
-        self._handle(body)
+            return model.model_validate_json(body) if body.strip() else model.model_validate(from_params)
+        except ValidationError as exc:
+            raise RequestError(400, _problems(exc)) from None
+
+    def nl_query(params, body: bytes) -> dict[str, Any]:
+        return stats.nl_query(_first_param(params, "q", ""), _first_param(params, "mode", "toolformer_rig"))
+
+    def node(params, body: bytes) -> dict[str, Any]:
+        request = parsed(NodeRequest, body, _node_request(params))
+        return stats.node(request.nodes, request.property)
+
+    def resolve(params, body: bytes) -> dict[str, Any]:
+        request = parsed(ResolveRequest, body, _resolve_request(params))
+        return stats.resolve(request.nodes, request.property, request.resolver)
+
+    def observation(params, body: bytes) -> dict[str, Any]:
+        return stats.observation(parsed(ObservationRequest, body, _observation_request(params)))
+
+    def endpoint(handle):
+        async def run(request: Request) -> JSONResponse:
+            return await answer(request, handle)
+
+        return run
+
+    routes = {"/nodejs/query": nl_query, **{f"{prefix}{name}": handle for prefix in V2_PREFIXES for name, handle in
+                                            (("node", node), ("resolve", resolve), ("observation", observation))}}
+    for path, handle in routes.items():
+        for variant in (path, path + "/"):  # answered alike, never redirected
+            app.add_api_route(variant, endpoint(handle), methods=["GET", "POST"])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return _error(404, f"no endpoint at {request.url.path}; this server has /nodejs/query, "
+                               "/v2/observation, /v2/resolve and /v2/node")
+        if exc.status_code == 405:
+            return _error(405, f"method {request.method} is not allowed here; use GET or POST")
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):  # a bug: the client still gets JSON
+        log.error("error answering %s", request.url.path, exc_info=exc)
+        return _error(500, "internal error")
+
+    return app
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+def _problems(exc: ValidationError) -> str:
+    """``variable.dcids: Input should be a valid list; ...`` (field paths, never the input values)."""
+    return "invalid request: " + "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
 
-    def __init__(self, address: tuple[str, int], app: StatsServer, api_key: str | None):
-        super().__init__(address, _Handler)
-        self.app = app
-        self.api_key = api_key
+
+def _wrap(app: FastAPI, limits: RequestLimits) -> LimitedRequests:
+    return LimitedRequests(app, limits=limits, render_error=_error_document)
 
 
 class RunningServer:
     """A server answering in a background thread. ``url`` is its root; ``rest_url`` = ``url + "/v2"``."""
 
-    def __init__(self, httpd: _HTTPServer, thread: threading.Thread):
-        self._httpd = httpd
-        self._thread = thread
-        host, port = httpd.server_address[:2]
-        self.host, self.port = host, port
-        self.url = f"http://{host}:{port}"
+    def __init__(self, server: BackgroundServer):
+        self._server = server
+        self.host, self.port = server.host, server.port
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"http://{host}:{self.port}"
         self.rest_url = f"{self.url}/v2"
 
     def __repr__(self) -> str:
         return f"RunningServer({self.url!r})"
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        self._server.stop()
 
     def __enter__(self) -> RunningServer:
         return self
@@ -408,31 +497,26 @@ class RunningServer:
         self.stop()
 
 
-def _make(store: Store | None, host: str, port: int, api_key: str | None, threshold: float | None) -> _HTTPServer:
-    return _HTTPServer((host, port), StatsServer(store if store is not None else open_default_store(), threshold),
-                       api_key)
+def _make(store: Store | None, api_key: str | None, threshold: float | None, limits: RequestLimits | None):
+    limits = limits or RequestLimits()
+    stats = StatsServer(store if store is not None else open_default_store(), threshold)
+    protocol = hardened_protocol(_error_document, limits)
+    return _wrap(create_app(stats, api_key=api_key), limits), protocol
 
 
 def start_server(store: Store | None = None, host: str = "127.0.0.1", port: int = 0, *,
-                 api_key: str | None = None, threshold: float | None = None) -> RunningServer:
-    """Serve ``store`` (default: the shipped data) in a daemon thread; ``port=0`` picks a free port."""
-    httpd = _make(store, host, port, api_key, threshold)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              name=f"stats-server-{httpd.server_address[1]}",
-                              daemon=True)
-    thread.start()
-    return RunningServer(httpd, thread)
+                 api_key: str | None = None, threshold: float | None = None,
+                 limits: RequestLimits | None = None) -> RunningServer:
+    """Serve ``store`` (default: the shipped data) in a daemon thread; ``port=0`` picks a free port.
+    ``limits`` bounds request bodies (size, time) and heads (time); see :class:`grounding.asgi.RequestLimits`."""
+    app, protocol = _make(store, api_key, threshold, limits)
+    return RunningServer(BackgroundServer(app, host, port, protocol=protocol, name="stats-server"))
 
 
 def serve(store: Store | None = None, host: str = "127.0.0.1", port: int = 8080, *,
-          api_key: str | None = None, threshold: float | None = None) -> None:
+          api_key: str | None = None, threshold: float | None = None, limits: RequestLimits | None = None) -> None:
     """Serve ``store`` until interrupted (Ctrl-C). ``gemma-ground serve-stats`` calls this."""
-    httpd = _make(store, host, port, api_key, threshold)
+    app, protocol = _make(store, api_key, threshold, limits)
     log.info("serving statistics on http://%s:%d (/nodejs/query, /v2/observation, /v2/resolve, /v2/node)",
-             host, httpd.server_address[1])
-    try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        httpd.server_close()
+             host, port)
+    run_server(app, host, port, protocol=protocol)
