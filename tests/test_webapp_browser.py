@@ -6,9 +6,6 @@ Screenshots are saved under ``test-artifacts/`` at the repository root (gitignor
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,24 +22,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 def _start(app):
-    import uvicorn
+    """The app on a real uvicorn server on 127.0.0.1 (a free port), with the web app's own HTTP protocol."""
+    from grounding.asgi import BackgroundServer
+    from webapp import http_protocol
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # bound here and handed to uvicorn: the port cannot be taken in between
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the web app server did not start"
-        time.sleep(0.05)
-    return server, thread, sock
-
-
-def _stop(server, thread, sock) -> None:
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    return BackgroundServer(app, "127.0.0.1", 0, protocol=http_protocol(), name="webapp")
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +35,8 @@ def server_url():
 
     index_dir, _ = tiny_index()
     running = _start(create_app(index_dir))
-    yield f"http://127.0.0.1:{running[2].getsockname()[1]}"
-    _stop(*running)
+    yield f"http://127.0.0.1:{running.port}"
+    running.stop()
 
 
 MODEL_MARKUP = '<img src=x onerror="alert(2)"> rose [Table 1]'
@@ -70,8 +54,8 @@ def model_server_url():
 
     script = itertools.cycle([AIMessage("What is life expectancy in Japan?"), AIMessage(MODEL_MARKUP)])
     running = _start(create_app(llm=GenericFakeChatModel(messages=script)))
-    yield f"http://127.0.0.1:{running[2].getsockname()[1]}"
-    _stop(*running)
+    yield f"http://127.0.0.1:{running.port}"
+    running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,12 @@
 """The web app (``gemma-ground serve``): page search and grounded statistical answers over a JSON API.
 
-Public API: :func:`create_app` (a FastAPI app) and :func:`serve` (uvicorn on 127.0.0.1); see :mod:`.app`.
+Public API: :func:`create_app` (a FastAPI app), :func:`serve` (uvicorn on 127.0.0.1) and
+:func:`http_protocol` (the hardened uvicorn protocol :func:`serve` uses); see :mod:`.app`.
 """
 
 from __future__ import annotations
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "serve", "http_protocol"]
 
 
 def __getattr__(name: str):

@@ -6,22 +6,25 @@
 Pages (plain HTML + vanilla JS from ``static/``, no build step): ``/`` search (query box, results with page
 thumbnails and scores, a toggle overlaying the similarity map on each page) and ``/stats`` (question box,
 answer with footnotes / table citations and the tables used). Both call the JSON API, documented by
-OpenAPI at ``/api/openapi.json`` (browsable at ``/api/docs`` when the browser can reach the Swagger CDN).
+OpenAPI at ``/api/openapi.json`` (no Swagger page: it would load its script from a CDN).
 
 This is the one module that composes vision_rag and grounding, each through its public API; vision_rag
 is imported only when an index is configured, so the statistics page works without it.
 
 Safe by construction: page images are served by page id only (file paths come from the index, never
-from a request); the pages insert every piece of text with ``textContent`` and send a strict
-Content-Security-Policy; request bodies (16 KiB), query lengths, result counts and image sizes are
-bounded; every error is JSON ``{"error": {"status", "type", "message"}}`` with its status code.
+from a request, and never go out in answers: documents are named by file name and an opaque id); the
+pages insert every piece of text with ``textContent``; every response, errors included, carries a strict
+Content-Security-Policy and the other security headers; request bodies (16 KiB, 10 s, JSON parsed without
+recursion; see :mod:`grounding.asgi`), query lengths, result counts and image sizes are bounded; every
+error is JSON ``{"error": {"status", "type", "message"}}`` with its status code, down to a request that is
+not HTTP (:func:`http_protocol`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
-import json
 import logging
 import threading
 import time
@@ -40,15 +43,17 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from grounding.answer import Answer, ask
+from grounding.asgi import LimitedRequests, RequestLimits, hardened_protocol, run_server
 from grounding.types import GroundingError, StatSource
 
-__all__ = ["create_app", "serve", "WebAppError", "SearchRequest", "SearchResponse", "SearchHit", "AskRequest",
+__all__ = ["create_app", "serve", "http_protocol", "public_document_id", "WebAppError", "SearchRequest", "SearchResponse", "SearchHit", "AskRequest",
            "StatusResponse", "ErrorResponse", "MAX_BODY_BYTES", "MAX_K", "MAX_QUERY_CHARS", "MAX_QUESTION_CHARS",
            "MAX_IMAGE_SIDE"]
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024
+LIMITS = RequestLimits(max_body_bytes=MAX_BODY_BYTES, body_timeout=10.0, head_timeout=10.0)
 MAX_K = 50
 MAX_QUERY_CHARS = 500
 MAX_QUESTION_CHARS = 1000
@@ -65,7 +70,8 @@ class WebAppError(GroundingError):
 class SearchRequest(BaseModel):
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="what to look for, in words")
     k: int = Field(default=10, ge=1, le=MAX_K, description="how many pages to return")
-    document_id: str | None = Field(default=None, max_length=500, description="only pages of this document")
+    document_id: str | None = Field(default=None, max_length=500,
+                                    description="only pages of this document (a hit's opaque document_id)")
 
 
 class SearchHit(BaseModel):
@@ -73,7 +79,8 @@ class SearchHit(BaseModel):
     page_id: int
     score: float = Field(description="MaxSim: sum over query tokens of the best page-token similarity")
     normalized_score: float = Field(description="score / query tokens, in [-1, 1]")
-    document_id: str
+    document_id: str = Field(description="opaque id of the source document (never its path); pass it as the "
+                                         "search's document_id to search that document only")
     document_name: str = Field(description="file name of the source (never the full path)")
     page_number: int = Field(description="1-based page number within the document")
     text: str = Field(description="start of the page's text layer (PDFs), empty for scans")
@@ -113,9 +120,18 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+def _error_document(status: int, kind: str, message: str) -> dict:
+    return ErrorResponse(error=ErrorBody(status=status, type=kind, message=message)).model_dump()
+
+
 def _error(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content=ErrorResponse(error=ErrorBody(status=status, type=kind, message=message)).model_dump())
+    # The security headers are set here too: a 500 is answered outside every middleware of the app.
+    return JSONResponse(status_code=status, content=_error_document(status, kind, message), headers=_SECURITY_HEADERS)
+
+
+def public_document_id(document_id: str) -> str:
+    """The id the web API shows for an index's document id (a file path): a hash, so no path goes out."""
+    return hashlib.sha256(document_id.encode("utf-8")).hexdigest()[:20]
 
 
 class ApiError(HTTPException):
@@ -157,6 +173,15 @@ class _Search:
         self.lock = threading.Lock()
         self._images: OrderedDict[tuple, bytes] = OrderedDict()
         self._images_lock = threading.Lock()
+        self._documents: tuple[int, dict[str, str]] = (-1, {})
+
+    def document_id(self, public_id: str) -> str | None:
+        """The index's document id behind a public one (None: no such document)."""
+        generation = self.index.generation
+        if self._documents[0] != generation:
+            self._documents = (generation, {public_document_id(p.document_id): p.document_id
+                                            for p in self.index.pages()})
+        return self._documents[1].get(public_id)
 
     def page(self, page_id: int):
         from vision_rag.index import PageNotFoundError
@@ -224,54 +249,43 @@ _SECURITY_HEADERS = {
 }
 
 
-class _BodyLimit:
-    """Refuse request bodies over ``max_bytes`` (declared or streamed) with a JSON 413, before any parsing."""
+class _SecurityHeaders:
+    """ASGI middleware, outermost: the security headers on every response the app and its middleware send."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def _refuse(self, send) -> None:
-        body = json.dumps({"error": {"status": 413, "type": "request_too_large",
-                                     "message": f"request bodies are limited to {self.max_bytes} bytes"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    def __init__(self, app):
+        self.app = app
+        self.headers = [(k.lower().encode(), v.encode()) for k, v in _SECURITY_HEADERS.items()]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await self._refuse(send)
-        # Read the whole body first (at most max_bytes + one message), then hand it on: a body sent without
-        # Content-Length (chunked) is bounded the same way, before the app parses anything.
-        messages, size = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                return await self._refuse(send)
-            if not message.get("more_body", False):
-                break
 
-        async def replay():
-            return messages.pop(0) if messages else await receive()
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in self.headers if k not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
 
-        await self.app(scope, replay, send)
+        await self.app(scope, receive, send_with_headers)
+
+
+def http_protocol(limits: RequestLimits = LIMITS):
+    """The uvicorn protocol class of the web app: requests that are not HTTP, or whose head is too slow,
+    get a JSON error with the security headers (see :func:`grounding.asgi.hardened_protocol`)."""
+    return hardened_protocol(_error_document, limits, headers=_SECURITY_HEADERS)
 
 
 def create_app(index_dir: str | Path | None = None, store=None, embedder=None, llm=None, *,
-               max_new_tokens: int = 512) -> FastAPI:
+               max_new_tokens: int = 512, limits: RequestLimits = LIMITS) -> FastAPI:
     """The web app.
 
     ``index_dir``: a vision_rag index for the search page (None: search is off, statistics work);
     ``embedder``: its ColPali embedder (default: the model recorded in the index's ``embedder.json``);
     ``store``: the statistics — a StatSource, a grounding Store or the path of a store file (default: the
     embedded Gapminder store); ``llm``: a grounding LLM or LangChain chat model that writes answers
-    (None: the retrieved statistics are stated plainly, with their sources).
+    (None: the retrieved statistics are stated plainly, with their sources); ``limits``: request body
+    size and time limits (serve with ``http_protocol(limits)`` for the head timeout).
     """
     search = _Search(index_dir, embedder) if index_dir is not None else None
     source = _stat_source(store)
@@ -282,18 +296,14 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
         model = as_grounding_llm(llm)
     llm_lock = threading.Lock()  # native models keep one KV cache: one generation at a time
 
-    app = FastAPI(title="gemma-grounding", version="0.1.0", openapi_url="/api/openapi.json", docs_url="/api/docs",
+    app = FastAPI(title="gemma-grounding", version="0.1.0", openapi_url="/api/openapi.json", docs_url=None,
                   redoc_url=None, description="Search scanned pages (ColPali) and ask statistical questions "
                   "answered with cited numbers (RAG / RIG). All errors are JSON: {\"error\": {status, type, message}}.")
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        if not request.url.path.startswith("/api/docs"):  # Swagger UI loads its script from a CDN
-            response.headers.update(_SECURITY_HEADERS)
-        return response
-
-    app.add_middleware(_BodyLimit, max_bytes=MAX_BODY_BYTES)
+    # Added last = outermost: the headers go on the body limit's own 413/408 answers too.
+    app.add_middleware(LimitedRequests, limits=limits, render_error=_error_document, invalid_json_status=422,
+                       headers=_SECURITY_HEADERS)
+    app.add_middleware(_SecurityHeaders)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -349,7 +359,12 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
         started = time.perf_counter()
         with s.lock:
             (query_vectors,) = s.embedder.embed_queries([request.query], progress=False)
-        search_filter = SearchFilter(document_id=request.document_id) if request.document_id else None
+        search_filter = None
+        if request.document_id:
+            document_id = s.document_id(request.document_id)
+            if document_id is None:
+                raise ApiError(404, "document_not_found", "no document with this document_id in the index")
+            search_filter = SearchFilter(document_id=document_id)
         hits = s.index.search(query_vectors, k=request.k, filter=search_filter)
         out = []
         quoted = quote(request.query, safe="")
@@ -361,7 +376,8 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
             base = f"/api/pages/{hit.page_id}"
             out.append(SearchHit(
                 rank=rank, page_id=hit.page_id, score=hit.score, normalized_score=hit.normalized_score,
-                document_id=hit.page.document_id, document_name=Path(hit.page.source_path).name or hit.page.document_id,
+                document_id=public_document_id(hit.page.document_id),
+                document_name=Path(hit.page.source_path).name or "(unnamed)",
                 page_number=hit.page.page_number + 1, text=text, image_url=f"{base}/image",
                 thumbnail_url=f"{base}/image?size={THUMBNAIL_SIDE}", simmap_url=f"{base}/simmap?query={quoted}"))
         return SearchResponse(query=request.query, model_id=s.index.model_id, pages_in_index=len(s.index), hits=out,
@@ -383,7 +399,7 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
             try:
                 return _png_bytes(page_image(page, dpi=150, max_side=size))
             except PageSourceError as e:
-                raise ApiError(410, "page_source_gone", f"page {page_id}: {e}") from None
+                raise _source_gone(page_id, e) from None
 
         return Response(s.png(("image", page_id, size), render), media_type="image/png",
                         headers={"Cache-Control": "private, max-age=300"})
@@ -413,7 +429,7 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
                     try:
                         image = page_image(page, dpi=150)
                     except PageSourceError as e:
-                        raise ApiError(410, "page_source_gone", f"page {page_id}: {e}") from None
+                        raise _source_gone(page_id, e) from None
                     patches = s.embedder.embed_pages([image], progress=False)[0][:n_patches]
             return _heat_png(similarity_grid(query_vectors, patches, grid))
 
@@ -437,12 +453,16 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
     return app
 
 
+def _source_gone(page_id: int, error: Exception) -> ApiError:
+    log.warning("page %d: %s", page_id, error)  # the reason names the file: for the log, not the client
+    return ApiError(410, "page_source_gone", f"page {page_id}: its source file is gone, changed or unreadable; "
+                    "re-index it")
+
+
 def serve(index_dir: str | Path | None = None, store=None, embedder=None, llm=None, *, host: str = "127.0.0.1",
           port: int = 8000, log_level: str = "info") -> None:
     """Run the web app with uvicorn (bound to 127.0.0.1 unless ``host`` says otherwise)."""
-    import uvicorn
-
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: the app has no authentication; anyone who can reach it can use it", host)
     app = create_app(index_dir, store=store, embedder=embedder, llm=llm)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    run_server(app, host, port, protocol=http_protocol(), log_level=log_level)
