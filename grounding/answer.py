@@ -37,6 +37,13 @@ class Answer(BaseModel):
     fallback: bool = False  # RAG: answered from the bare question, without tables
     errors: dict[str, str] = Field(default_factory=dict)  # query -> lookup failure
 
+    @property
+    def failed(self) -> bool:
+        """Every statistics lookup failed: nothing in the answer comes from the source (the errors say why).
+        Not the same as ``no_answer`` alone, where the source answered that it has no data."""
+        grounded = self.statistics or self.tables or any(c.dc_value is not None for c in self.claims)
+        return bool(self.errors) and not grounded
+
     def render(self) -> str:
         """Human-readable: the answer, footnotes, the tables used, warnings."""
         parts = [self.text.strip()]

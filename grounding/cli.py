@@ -9,13 +9,18 @@ __all__ = ["register"]
 
 
 def register(sub) -> None:
-    p = sub.add_parser("ask", help="answer a statistical question with grounded, cited numbers")
+    p = sub.add_parser("ask", help="answer a statistical question with grounded, cited numbers",
+                       description="Exit status: 0 answered (or the source has no data for it), 1 every "
+                                   "statistics lookup failed (the reasons are printed), 2 bad input or settings.")
     p.add_argument("question", help='e.g. "What was the life expectancy in Kenya in 2007?"')
     p.add_argument("--mode", choices=("rag", "rig"), default="rag",
                    help="rag: retrieve tables then answer (default); rig: ground each number the model writes")
     p.add_argument("--source", choices=("local", "nl", "rest"), default="local",
                    help="local: the embedded statistics store (default, offline); nl: the Data Commons NL "
                         "endpoint; rest: Data Commons REST v2 (nl/rest read DC_API_KEY)")
+    p.add_argument("--base-url", default=None,
+                   help="nl/rest: the server to ask instead of the public Data Commons (a self-hosted Data Commons, "
+                        "or gemma-ground serve-stats: http://127.0.0.1:8080 for nl, .../v2 for rest)")
     p.add_argument("--model", default=None,
                    help="LLM: a checkpoint directory, .gguf file or preset name (native Gemma), or "
                         "gemini:<model id> (reads GEMINI_API_KEY). Without one the statistics are stated plainly")
@@ -37,16 +42,25 @@ def register(sub) -> None:
 def _cmd_ask(args) -> int:
     from .answer import ask
     from .llm import load_llm
+    from .sources import open_source
     from .types import GroundingError
 
+    if args.base_url and args.source == "local":
+        raise ValueError("--base-url is for --source nl or rest")
     try:
         llm = load_llm(args.model, tokenizer=args.tokenizer, device=args.device) if args.model else None
-        answer = ask(args.question, mode=args.mode, source=args.source, llm=llm, interleaved=args.interleaved,
+        source = open_source(args.source, base_url=args.base_url) if args.base_url else args.source
+        answer = ask(args.question, mode=args.mode, source=source, llm=llm, interleaved=args.interleaved,
                      max_new_tokens=args.max_new_tokens)
     except GroundingError as e:
         print(f"gemma-ground ask: error: {e}", file=sys.stderr)
         return 2
     print(answer.model_dump_json(indent=2) if args.json else answer.render())
+    if answer.failed:  # printed above with the reasons; the exit status tells scripts
+        first = next(iter(answer.errors.values()))
+        print(f"gemma-ground ask: error: every statistics lookup failed ({len(answer.errors)}), e.g.: {first}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

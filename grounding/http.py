@@ -10,7 +10,10 @@
 - Responses can be cached on disk (:class:`ResponseCache`) with an expiry, to save quota.
 - :func:`map_bounded` runs calls with at most N in flight and returns outcomes in input order.
 - API keys never reach logs, exception messages or reprs: the key is added to the request at send
-  time only, and all text leaving this module passes through :func:`redact`.
+  time only, and all text leaving this module passes through :func:`redact` (whole, before it is cut
+  to a length: :func:`excerpt`). Keys shorter than :data:`MIN_API_KEY_CHARS` are refused (they could not
+  be redacted without mangling ordinary text). A redirect to another origin (scheme, host, port) is
+  followed without the key, in header or query (:func:`send`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 from pydantic import BaseModel, ValidationError
@@ -37,21 +40,36 @@ from .types import AuthError, DataSourceError, RateLimitedError, SchemaDriftErro
 
 __all__ = [
     "DEFAULT_NL_URL", "DEFAULT_REST_URL", "API_KEY_ENV", "RetryPolicy", "ResponseCache", "HttpClient",
-    "map_bounded", "Outcome", "validate", "redact", "api_key_from_env",
+    "map_bounded", "Outcome", "validate", "redact", "excerpt", "api_key_from_env", "checked_api_key", "send",
+    "MIN_API_KEY_CHARS",
 ]
 
 # The public Data Commons endpoints, in one place.
 DEFAULT_NL_URL = "https://nl.datacommons.org"  # natural-language endpoint: {url}/nodejs/query
 DEFAULT_REST_URL = "https://api.datacommons.org/v2"  # REST v2: {url}/observation, /resolve, /node
 API_KEY_ENV = "DC_API_KEY"
+# Real keys are long (Data Commons and Gemini keys have 39 characters); a shorter "key" would be
+# redacted out of every text it happens to occur in ("a" from every word).
+MIN_API_KEY_CHARS = 8
+MAX_REDIRECTS = 5
 
 log = logging.getLogger("grounding.http")
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 
+def checked_api_key(api_key: str | None, setting: str = API_KEY_ENV) -> str | None:
+    """``api_key`` (None or "" -> None), refused with :class:`AuthError` when it is too short to be a key."""
+    if not api_key:
+        return None
+    if len(api_key) < MIN_API_KEY_CHARS:
+        raise AuthError(f"the API key ({setting} or api_key=) has {len(api_key)} characters; a real key has at "
+                        f"least {MIN_API_KEY_CHARS} (Data Commons and Gemini keys have 39): check the setting")
+    return api_key
+
+
 def api_key_from_env(api_key: str | None = None) -> str | None:
-    """The explicit key, else ``$DC_API_KEY``, else None."""
+    """The explicit key, else ``$DC_API_KEY``, else None (checked by the client that uses it)."""
     return api_key or os.environ.get(API_KEY_ENV) or None
 
 
@@ -59,9 +77,57 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
     """``text`` with every secret (and its URL-encoded form) replaced by ``***``."""
     for secret in secrets:
         if secret:
-            for form in {secret, urlencode({"k": secret})[2:]}:
+            for form in sorted({secret, urlencode({"k": secret})[2:]}, key=len, reverse=True):
                 text = text.replace(form, "***")
     return text
+
+
+def excerpt(text: str, secrets: Iterable[str | None], limit: int) -> str:
+    """At most ``limit`` characters of ``text``, redacted first: a key cut in two by the limit would
+    escape the redaction of the cut text."""
+    return redact(text, secrets)[:limit]
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _without_params(url: str, names: Iterable[str]) -> str:
+    drop = {n.lower() for n in names}
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() not in drop]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def send(session: requests.Session, method: str, url: str, *, secret_headers: Iterable[str] = (),
+         secret_params: Iterable[str] = (), max_redirects: int = MAX_REDIRECTS, **kwargs) -> requests.Response:
+    """``session.request`` following redirects itself: to the same origin as the request, as requests
+    would; to another origin, without the ``secret_headers`` and ``secret_params`` (the API key)."""
+    secret_headers, secret_params = tuple(secret_headers), tuple(secret_params)
+    response = session.request(method, url, allow_redirects=False, **kwargs)
+    for _ in range(max_redirects):
+        if not response.is_redirect:
+            return response
+        location = urljoin(response.url, response.headers["Location"])
+        response.close()
+        if _origin(location) != _origin(response.url):
+            headers = {k: v for k, v in (kwargs.get("headers") or {}).items()
+                       if k.lower() not in {h.lower() for h in secret_headers}}
+            kwargs = {**kwargs, "headers": headers}
+            location = _without_params(location, secret_params)
+            secret_headers, secret_params = (), ()  # gone: nothing more to strip on later hops
+        kwargs.pop("params", None)  # the query is in the Location now
+        if response.status_code in (301, 302, 303) and method.upper() != "HEAD":
+            method = "GET"  # as browsers and requests do; 307/308 repeat the method and body
+            kwargs.pop("json", None)
+            kwargs.pop("data", None)
+        response = session.request(method, location, allow_redirects=False, **kwargs)
+    if response.is_redirect:
+        response.close()
+        raise DataSourceError(f"{method} {url}: more than {max_redirects} redirects")
+    return response
 
 
 class _RedactingFilter(logging.Filter):
@@ -170,7 +236,7 @@ class HttpClient:
                  cache: ResponseCache | None = None, session: requests.Session | None = None,
                  user_agent: str = "gemma-grounding/0.1", seed: int | None = None):
         self.base_url = base_url.rstrip("/")
-        self._api_key = api_key
+        self._api_key = api_key = checked_api_key(api_key)
         if api_key:
             _REDACTING_FILTER.secrets.add(api_key)
         self.key_param = key_param
@@ -192,6 +258,9 @@ class HttpClient:
 
     def _redact(self, text: str) -> str:
         return redact(text, [self._api_key])
+
+    def _excerpt(self, text: str, limit: int) -> str:
+        return excerpt(text, [self._api_key], limit)
 
     def get_json(self, path: str, params: dict[str, Any] | Sequence[tuple[str, Any]] | None = None, *,
                  check: Callable[[Any], Any] | None = None) -> Any:
@@ -252,9 +321,11 @@ class HttpClient:
 
     def _send_once(self, method, url, params, body, headers, described) -> Any:
         try:
-            response = self._session.request(
-                method, url, params=params, json=body, headers=headers,
-                timeout=(self.policy.connect_timeout, self.policy.read_timeout))
+            response = send(
+                self._session, method, url, params=params, json=body, headers=headers,
+                timeout=(self.policy.connect_timeout, self.policy.read_timeout),
+                secret_headers=[self.key_header] if self.key_header else [],
+                secret_params=[self.key_param] if self.key_param else [])
             content = response.content  # reads the whole body: a cut connection fails here
         except requests.Timeout:
             raise TransientError(f"{described}: timed out (connect {self.policy.connect_timeout}s, read "
@@ -271,12 +342,12 @@ class HttpClient:
                                    + (f" (Retry-After {retry_after:.0f}s)" if retry_after is not None else ""),
                                    retry_after=retry_after)
         if status >= 500:
-            raise TransientError(f"{described}: HTTP {status} server error: {self._redact(text[:200])}")
+            raise TransientError(f"{described}: HTTP {status} server error: {self._excerpt(text, 200)}")
         if status in (401, 403):
             raise AuthError(f"{described}: HTTP {status}: the API key is missing, wrong or not enabled for "
-                            f"this API (set {API_KEY_ENV} or pass api_key=): {self._redact(text[:200])}")
+                            f"this API (set {API_KEY_ENV} or pass api_key=): {self._excerpt(text, 200)}")
         if status >= 400:
-            raise DataSourceError(f"{described}: HTTP {status}: {self._redact(text[:300])}")
+            raise DataSourceError(f"{described}: HTTP {status}: {self._excerpt(text, 300)}")
         try:
             return json.loads(content)
         except ValueError as exc:
@@ -286,7 +357,7 @@ class HttpClient:
             detail = f"{exc.msg} at character {exc.pos} of {len(text)}" if isinstance(exc, json.JSONDecodeError) \
                 else str(exc)
             raise SchemaDriftError(f"{described}: the response is not valid JSON ({detail}): "
-                                   f"{self._redact(text[:120])!r}") from None
+                                   f"{self._excerpt(text, 120)!r}") from None
 
 
 def validate(model: type[M], data: Any, what: str) -> M:

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import requests
 
+from .http import checked_api_key, excerpt, send
 from .types import AuthError, GroundingError
 
 __all__ = ["LLMError", "NativeGemma", "GeminiREST", "LangChainLLM", "load_llm"]
@@ -109,7 +110,8 @@ class GeminiREST:
                  backoff: float = 1.0):
         self.model = model
         self.base_url = (base_url or os.environ.get("GEMINI_BASE_URL") or self.DEFAULT_BASE_URL).rstrip("/")
-        self.__key = api_key or os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
+        self.__key = checked_api_key(api_key or os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"),
+                                     "GEMINI_API_KEY")
         self.system_instruction = system_instruction
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self._session = requests.Session()
@@ -117,6 +119,9 @@ class GeminiREST:
     def __repr__(self) -> str:
         key = "set" if self.__key else "missing"
         return f"GeminiREST(model={self.model!r}, base_url={self.base_url!r}, api_key=<{key}>)"
+
+    def _excerpt(self, text: str, limit: int) -> str:
+        return excerpt(text, [self.__key], limit)
 
     def _body(self, prompt: str, max_new_tokens: int, temperature: float, stop: Sequence[str] | None) -> dict:
         config: dict = {"temperature": temperature, "maxOutputTokens": max_new_tokens}
@@ -136,8 +141,9 @@ class GeminiREST:
         for attempt in range(self.retries + 1):
             wait = self.backoff * 2 ** attempt * (0.5 + random.random() / 2)
             try:
-                response = self._session.post(url, params=params, headers=headers, json=body, timeout=self.timeout,
-                                              stream=stream)
+                # Redirects to another origin are followed without the key header.
+                response = send(self._session, "POST", url, params=params, headers=headers, json=body,
+                                timeout=self.timeout, stream=stream, secret_headers=["x-goog-api-key"])
             except requests.RequestException as e:
                 # The message of a requests error can quote the request; keep only its type.
                 problem = f"{type(e).__name__} talking to {self.base_url}"
@@ -160,7 +166,7 @@ class GeminiREST:
                                 f"(check that it is valid and has the Generative Language API enabled)")
             if response.status_code != 200:
                 raise LLMError(f"Gemini {method} with model {self.model!r}: HTTP {response.status_code}: "
-                               f"{_error_message(response)}")
+                               f"{self._excerpt(_error_message(response), 300)}")
             return response
         raise AssertionError("unreachable")
 
@@ -170,7 +176,8 @@ class GeminiREST:
         try:
             data = response.json()
         except ValueError:
-            raise LLMError(f"Gemini generateContent: response is not JSON: {response.text[:200]!r}") from None
+            raise LLMError(f"Gemini generateContent: response is not JSON: {self._excerpt(response.text, 200)!r}") \
+                from None
         return _candidate_text(data)
 
     def stream(self, prompt: str, *, max_new_tokens: int = 512, temperature: float = 0.0,
@@ -185,17 +192,19 @@ class GeminiREST:
                 try:
                     data = json.loads(payload)
                 except ValueError:
-                    raise LLMError(f"Gemini streamGenerateContent: bad SSE data line: {payload[:200]!r}") from None
+                    raise LLMError(f"Gemini streamGenerateContent: bad SSE data line: "
+                                   f"{self._excerpt(payload, 200)!r}") from None
                 piece = _candidate_text(data, allow_empty=True)
                 if piece:
                     yield piece
 
 
 def _error_message(response: requests.Response) -> str:
+    """The API's error message (whole: the caller redacts, then cuts)."""
     try:
-        return str(response.json()["error"]["message"])[:300]
+        return str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
-        return response.text[:300]
+        return response.text
 
 
 def _candidate_text(data: dict, allow_empty: bool = False) -> str:

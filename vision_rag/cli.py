@@ -64,7 +64,9 @@ def _model_options(parser, required: bool) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("index", help="add PDFs, images and directories to a ColPali page index")
+    p = sub.add_parser("index", help="add PDFs, images and directories to a ColPali page index",
+                       description="Exit status: 0 when the files were indexed (unreadable ones among them are "
+                                   "reported and skipped), 1 when every file failed, 2 bad input or settings.")
     _model_options(p, required=True)
     p.add_argument("--index", required=True, help="index directory (created if missing)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="PDF or image files, or directories (recursive)")
@@ -162,6 +164,9 @@ def _cmd_index(args) -> int:
         print(f"{summary.pages_added} pages added, {summary.pages_skipped} skipped (unchanged), "
               f"{summary.pages_replaced} replaced, {summary.files_failed} files failed; "
               f"{summary.pages_in_index} pages in {index_dir}")
+    if summary.files_failed and not (report.files_indexed or report.files_unchanged):
+        print(f"gemma-ground index: error: none of the {summary.files_failed} files could be indexed", file=sys.stderr)
+        return 1  # some files failed among good ones: reported above, exit 0 (the good ones are indexed)
     return 0
 
 

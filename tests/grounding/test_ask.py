@@ -114,6 +114,30 @@ def test_cli_ask_json_in_a_subprocess():
     assert refused.returncode == 2 and "DC_API_KEY" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_cli_ask_exits_non_zero_when_every_lookup_failed(fault_server, capsys, monkeypatch):
+    """A failed answer exits 1 and says why; no data for a question (the source answered) exits 0. In
+    process, through the console script's ``main``."""
+    from conftest import Fault
+
+    from models.cli import main
+
+    monkeypatch.delenv("DC_API_KEY", raising=False)
+    fault_server.plan("/nodejs/query", [Fault(status=400, body='{"message": "bad request"}')] * 4)
+    for source, url in (("nl", fault_server.url), ("rest", f"{fault_server.url}/v2")):
+        code = main(["ask", KENYA_2007, "--source", source, "--base-url", url])
+        out, err = capsys.readouterr()
+        assert code == 1, (source, out, err)
+        assert "every statistics lookup failed" in err and "lookup failed" in out  # the reason, twice
+    assert main(["ask", "What is the capital of France?", "--mode", "rig"]) == 0
+    assert "No statistics" in capsys.readouterr().out
+    assert not ask(KENYA_2007, mode="rig").failed
+    monkeypatch.setenv("DC_API_KEY", "k")  # too short to be a key (and to redact without mangling text)
+    assert main(["ask", KENYA_2007, "--source", "nl", "--base-url", fault_server.url]) == 2
+    err = capsys.readouterr().err
+    assert "1 characters" in err and "***" not in err  # refused, not redacted into nonsense
+    assert not ask(KENYA_2007, mode="rig").failed  # the local store does not use the key
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

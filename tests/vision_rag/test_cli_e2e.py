@@ -181,3 +181,6 @@ def test_cli_errors_are_clear(workspace, capsys, tmp_path):
     assert rc == 2 and "no index" in err
     rc, _, err = run_main(capsys, "index", "--model", model_dir, "--index", tmp_path / "i", tmp_path / "missing.pdf")
     assert rc == 2 and "missing.pdf" in err
+    # every file failed: exit 1 (a failure among good files is reported and exits 0, above)
+    rc, _, err = run_main(capsys, "index", "--model", model_dir, "--index", tmp_path / "j", docs / "broken.pdf")
+    assert rc == 1 and "none of the 1 files could be indexed" in err and "broken.pdf" in err
