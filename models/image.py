@@ -13,6 +13,8 @@ being clipped at 255 (which turns most of such an image white).
 
 Loading is guarded: images larger than :data:`MAX_IMAGE_PIXELS` are refused before they are decoded
 (decompression bombs), and every unreadable input raises :class:`ImageError` naming the file and why.
+:func:`load_image` reads one image (or one frame of a multi-page TIFF), :func:`load_frames` every frame;
+both convert exactly alike, so page ingestion and the models see the same pixels.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +31,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["ImageError", "ImageProcessing", "MAX_IMAGE_PIXELS", "load_image", "to_rgb", "preprocess",
-           "load_images", "ImageSource"]
+__all__ = ["ImageError", "ImageProcessing", "MAX_IMAGE_PIXELS", "load_image", "load_frames", "to_rgb",
+           "preprocess", "load_images", "ImageSource"]
 
 # Decoded images above this many pixels are refused unless a caller passes a larger max_pixels.
 # The value is Pillow's own default warning threshold (about 89.5 megapixels: a 9459 x 9459 image,
@@ -127,18 +129,52 @@ def _name(source) -> str:
     return "<image>"
 
 
-def load_image(source: ImageSource, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open and fully decode an image (path, bytes or PIL image) as RGB with its EXIF orientation applied.
+def load_image(source: ImageSource, *, max_pixels: int | None = MAX_IMAGE_PIXELS, frame: int = 0) -> Image.Image:
+    """Open and fully decode an image (path, bytes or PIL image) as RGB with its EXIF orientation applied;
+    ``frame`` picks a page of a multi-page file (TIFF).
 
     Raises :class:`ImageError` naming the file for a missing or empty file, data that is not an image,
-    a truncated or corrupt image, or one with more than ``max_pixels`` pixels (``None``: no limit of
-    ours; Pillow still refuses images over twice its own limit).
+    a truncated or corrupt image, a frame the file does not have, or one with more than ``max_pixels``
+    pixels (``None``: no limit of ours; Pillow still refuses images over twice its own limit).
     """
     name = _name(source)
     image = source if isinstance(source, Image.Image) else _open(source, name)
-    pixels = image.width * image.height
+    if frame:
+        _seek(image, frame, name)
     # Only encoded data can be a bomb; an image already in memory has been paid for.
-    if max_pixels is not None and pixels > max_pixels and not isinstance(source, Image.Image):
+    return _decoded(image, name, None if isinstance(source, Image.Image) else max_pixels)
+
+
+def load_frames(source: str | os.PathLike | bytes, *, max_pixels: int | None = MAX_IMAGE_PIXELS
+                ) -> Iterator[Image.Image]:
+    """Every frame of an image file (one for PNG/JPEG, every page of a multi-page TIFF), each decoded and
+    converted as :func:`load_image` does, one at a time (each frame is checked against ``max_pixels``)."""
+    name = _name(source)
+    image = _open(source, name)
+    frames = getattr(image, "n_frames", 1)
+    try:
+        for number in range(frames):
+            if number:
+                _seek(image, number, name)
+            frame = _decoded(image, name, max_pixels)
+            # An RGB frame is the open image itself, which the next seek would change: hand out a copy.
+            yield frame.copy() if frame is image and frames > 1 else frame
+    finally:
+        if frames > 1:  # (a single frame may be the image handed out: closing would free its pixels)
+            image.close()
+
+
+def _seek(image: Image.Image, frame: int, name: str) -> None:
+    try:
+        image.seek(frame)
+    except (EOFError, ValueError, OSError) as e:
+        frames = getattr(image, "n_frames", 1)
+        raise ImageError(f"{name}: has {frames} frame(s), no frame {frame} ({e})") from None
+
+
+def _decoded(image: Image.Image, name: str, max_pixels: int | None) -> Image.Image:
+    pixels = image.width * image.height
+    if max_pixels is not None and pixels > max_pixels:
         raise ImageError(f"{name}: {image.width}x{image.height} = {pixels} pixels exceeds the limit of "
                          f"{max_pixels} (a possible decompression bomb); pass a larger max_pixels if the "
                          "image is trusted")
@@ -152,10 +188,15 @@ def load_image(source: ImageSource, *, max_pixels: int | None = MAX_IMAGE_PIXELS
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{name}: truncated or corrupt {image.format or ''} image data ({e})") from None
     try:
-        image = ImageOps.exif_transpose(image)
+        # exif_transpose copies the image even when nothing is to be turned: only call it when needed.
+        if image.getexif().get(_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, TypeError, KeyError) as e:
         raise ImageError(f"{name}: unreadable EXIF orientation ({e})") from None
     return to_rgb(image, name=name)
+
+
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def _open(source, name: str) -> Image.Image:

@@ -71,6 +71,10 @@ def register(sub) -> None:
     p.add_argument("--index", required=True, help="index directory (created if missing)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="PDF or image files, or directories (recursive)")
     p.add_argument("--dpi", type=int, default=None, help="PDF rendering resolution")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="pixel budget of one page (default 16000000): larger pages are rendered at a lower "
+                        "resolution and larger images scaled down, which bounds memory; image files over 89.5 "
+                        "megapixels are refused unless the budget is larger")
     p.add_argument("--batch-size", type=int, default=4, help="pages embedded per forward pass")
     p.add_argument("--storage", default=None, choices=("fp16", "fp32", "sq8", "pq"),
                    help="vector storage of a new index (default fp16)")
@@ -146,11 +150,14 @@ def _cmd_index(args) -> int:
     options = {k: v for k, v in dict(storage=args.storage, pool_factor=args.pool_factor).items() if v is not None}
     # Index.open refuses an existing index built by another model (ModelMismatchError).
     with Index.open(index_dir, create=True, model_id=embedder.model_id, dim=embedder.dim, **options) as index:
+        index.lock_for_writing()  # one writer at a time: refused now if another process is writing
         write_embedder_record(index_dir, embedder)
         embedder.progress = False  # ingestion shows its own progress bar (pages indexed)
         kwargs = dict(batch_size=args.batch_size, progress=True)
         if args.dpi is not None:
             kwargs["dpi"] = args.dpi
+        if args.max_pixels is not None:
+            kwargs["max_pixels"] = args.max_pixels
         report = index_paths(index, embedder, args.paths, **kwargs)
         summary = _summary(report, index, index_dir, embedder.model_id)
     for failure in summary.failures:

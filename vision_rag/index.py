@@ -40,6 +40,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -807,6 +808,34 @@ class Index:
         pooled = pool_tokens(array, self.settings.pool_factor)
         # Held until commit in the precision it will be stored in (codecs lose far more than fp16).
         return pooled if self.settings.storage == "fp32" else pooled.astype(np.float16)
+
+    def lock_for_writing(self) -> None:
+        """Become this index's one writer now (not at the first change): take the write lock, which this
+        handle holds until :meth:`close`, and read the latest committed state. Raises
+        :class:`IndexLockedError` when another process (or another handle) is writing."""
+        with self._mutex:
+            self._take_write_lock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Index]:
+        """Read, decide and change as one step: inside the block this handle holds the write lock (no
+        other process writes) and its mutex (no other thread of this process uses the handle), so what is
+        read there is still true when the changes made there are committed, together, at its end.
+        An exception in the block discards the changes made in it."""
+        with self._mutex:
+            self._take_write_lock()
+            autocommit, self.autocommit = self.autocommit, False
+            staged = (list(self._pending_adds), set(self._pending_deletes), dict(self._pending_records),
+                      self._next_page_id)
+            try:
+                yield self
+            except BaseException:
+                self._pending_adds, self._pending_deletes, self._pending_records, self._next_page_id = staged
+                raise
+            else:
+                self.commit()
+            finally:
+                self.autocommit = autocommit
 
     def _take_write_lock(self) -> None:
         if self._lock_file is not None:
