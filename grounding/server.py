@@ -30,8 +30,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .resolver import CASE_SENSITIVE_ALIASES, LocalSource, Resolution, normalize, stem
-from .store import Observation, Place, Store, open_default_store
+from .resolver import CASE_SENSITIVE_ALIASES, LocalSource, Resolution
+from .store import Observation, Place, StatStore, open_default_store
+from .text import normalize, stem
 from .types import PointResult, TableResult
 
 __all__ = ["StatsServer", "RunningServer", "serve", "start_server", "format_number"]
@@ -68,7 +69,7 @@ class RequestError(Exception):
 class StatsServer:
     """The request logic, independent of the HTTP plumbing (one instance per served store)."""
 
-    def __init__(self, store: Store | None = None, threshold: float | None = None):
+    def __init__(self, store: StatStore | None = None, threshold: float | None = None):
         self.source = LocalSource(store, **({} if threshold is None else {"threshold": threshold}))
         self.store = self.source.store
         self._gazetteer: dict[str, list[Place]] = {}
@@ -408,12 +409,12 @@ class RunningServer:
         self.stop()
 
 
-def _make(store: Store | None, host: str, port: int, api_key: str | None, threshold: float | None) -> _HTTPServer:
+def _make(store: StatStore | None, host: str, port: int, api_key: str | None, threshold: float | None) -> _HTTPServer:
     return _HTTPServer((host, port), StatsServer(store if store is not None else open_default_store(), threshold),
                        api_key)
 
 
-def start_server(store: Store | None = None, host: str = "127.0.0.1", port: int = 0, *,
+def start_server(store: StatStore | None = None, host: str = "127.0.0.1", port: int = 0, *,
                  api_key: str | None = None, threshold: float | None = None) -> RunningServer:
     """Serve ``store`` (default: the shipped data) in a daemon thread; ``port=0`` picks a free port."""
     httpd = _make(store, host, port, api_key, threshold)
@@ -424,7 +425,7 @@ def start_server(store: Store | None = None, host: str = "127.0.0.1", port: int 
     return RunningServer(httpd, thread)
 
 
-def serve(store: Store | None = None, host: str = "127.0.0.1", port: int = 8080, *,
+def serve(store: StatStore | None = None, host: str = "127.0.0.1", port: int = 8080, *,
           api_key: str | None = None, threshold: float | None = None) -> None:
     """Serve ``store`` until interrupted (Ctrl-C). ``gemma-ground serve-stats`` calls this."""
     httpd = _make(store, host, port, api_key, threshold)
