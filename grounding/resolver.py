@@ -90,14 +90,14 @@ class LocalSource:
 
     # ---- helpers ---------------------------------------------------------------------------------------
 
-    def _source_ref(self, variable: Variable) -> SourceRef | None:
-        source = self.store.source(variable.source)
+    def _source_ref(self, variable: Variable, observation: Observation) -> SourceRef | None:
+        source = self.store.source(observation.source or variable.source)
         if source is None:
             return None
         return SourceRef(name=source.name, url=variable.source_url or source.url)
 
-    def _attribution(self, variable: Variable) -> str | None:
-        source = self.store.source(variable.source)
+    def _attribution(self, variable: Variable, observation: Observation) -> str | None:
+        source = self.store.source(observation.source or variable.source)
         return (source.attribution or None) if source is not None else None
 
     def _pick(self, resolution: Resolution, entity: str) -> Observation | None:
@@ -141,9 +141,10 @@ class LocalSource:
                       score: float | None) -> PointResult:
         return PointResult(
             query=query, value=observation.value, unit=observation.unit or variable.unit or None,
-            date=observation.date, source=self._source_ref(variable), title=f"{variable.name} in {place.name}",
-            variable=variable.dcid, variable_name=variable.name, place=place.dcid, place_name=place.name,
-            score=score, projection=observation.projection, attribution=self._attribution(variable))
+            date=observation.date, source=self._source_ref(variable, observation),
+            title=f"{variable.name} in {place.name}", variable=variable.dcid, variable_name=variable.name,
+            place=place.dcid, place_name=place.name, score=score, projection=observation.projection,
+            attribution=self._attribution(variable, observation))
 
     # ---- StatSource ------------------------------------------------------------------------------------
 
@@ -173,9 +174,12 @@ class LocalSource:
         if not self._answerable(resolution):
             return None
         variable: Variable = self.store.variable(resolution.variable.dcid)
-        common = {"query": query, "unit": variable.unit or None, "source": self._source_ref(variable),
-                  "variables": [variable.dcid], "score": resolution.variable.score,
-                  "attribution": self._attribution(variable)}
+        common = {"query": query, "unit": variable.unit or None, "variables": [variable.dcid],
+                  "score": resolution.variable.score}
+
+        def sourced(first: Observation) -> dict:
+            return {**common, "source": self._source_ref(variable, first),
+                    "attribution": self._attribution(variable, first)}
         if resolution.child_type:
             ranked = self._ranked_children(resolution)
             if ranked is None:
@@ -183,7 +187,7 @@ class LocalSource:
             label, rows = ranked
             parent = resolution.parent
             return TableResult(
-                **common, kind="ranking",
+                **sourced(rows[0][1]), kind="ranking",
                 title=f"{variable.name} of {_plural(resolution.child_type)} in {parent.name} ({label})",
                 columns=["rank", "place", "date", variable.name],
                 rows=[[str(i + 1), place.name, _shown_date(obs), obs.value] for i, (place, obs) in enumerate(rows)],
@@ -198,7 +202,7 @@ class LocalSource:
                 return None
             names = ", ".join(m.name for m, _ in rows)
             return TableResult(
-                **common, kind="comparison", title=f"{variable.name} in {names}",
+                **sourced(rows[0][1]), kind="comparison", title=f"{variable.name} in {names}",
                 columns=["place", "date", variable.name],
                 rows=[[m.name, _shown_date(o), o.value] for m, o in rows], places=[m.dcid for m, _ in rows])
         place = resolution.places[0]
@@ -208,7 +212,7 @@ class LocalSource:
         if not series:
             return None
         return TableResult(
-            **common, kind="series", title=f"{variable.name} in {place.name}", columns=["date", variable.name],
+            **sourced(series[-1]), kind="series", title=f"{variable.name} in {place.name}", columns=["date", variable.name],
             rows=[[_shown_date(o), o.value] for o in series], places=[place.dcid])
 
     # ---- explanations ----------------------------------------------------------------------------------

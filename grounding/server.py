@@ -60,6 +60,11 @@ def _csv_line(cells: list[Any]) -> str:
     return ",".join(out)
 
 
+def _extras(attribution: str | None, projection: bool) -> dict[str, Any]:
+    """Fields Data Commons does not send: the source's attribution line, and the projection flag."""
+    return {**({"attribution": attribution} if attribution else {}), **({"projection": True} if projection else {})}
+
+
 class RequestError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -110,9 +115,10 @@ class StatsServer:
             csv_text = "\r\n".join([_csv_line(["date", point.title])]
                                    + [_csv_line([o.date, o.value]) for o in series])
             chart_type = "LINE"
-        return {"type": chart_type, "title": point.title, "unit": point.unit, "vars": [point.variable],
-                "places": [point.place], **self._source_fields(point.source),
-                "highlight": {"value": point.value, "date": point.date}, "dataCsv": csv_text}
+        chart = {"type": chart_type, "title": point.title, "unit": point.unit, "vars": [point.variable],
+                 "places": [point.place], **self._source_fields(point.source),
+                 "highlight": {"value": point.value, "date": point.date}, "dataCsv": csv_text}
+        return {**chart, **_extras(point.attribution, point.projection)}
 
     def _table_chart(self, table: TableResult, resolution: Resolution) -> dict[str, Any]:
         if resolution.child_type:
@@ -126,7 +132,7 @@ class StatsServer:
                  "data_csv": csv_text}  # the pre-Dec-2024 name, still read by DataGemma's reference client
         if place_type:
             chart["placeType"] = place_type
-        return chart
+        return {**chart, **_extras(table.attribution, False)}
 
     # ---- /v2/node -------------------------------------------------------------------------------------
 

@@ -32,8 +32,8 @@ DEFAULT_THRESHOLD = 0.75
 
 # Words that mean the same thing in a statistic's name (after stemming).
 SYNONYMS = {
-    "women": "female", "woman": "female", "femal": "female", "men": "male", "man": "male",
-    "kid": "child", "children": "child", "childrens": "child", "lifespan": "life",
+    "women": "female", "woman": "female", "men": "male", "man": "male",
+    "kid": "child", "children": "child",
     "homicide": "murder", "murdered": "murder", "jobless": "unemployment", "unemployed": "unemployment",
     "cellphone": "cell", "mobile": "cell", "doctor": "doctor", "physician": "doctor",
     "percentage": "percent", "share": "percent",
