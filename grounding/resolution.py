@@ -211,24 +211,50 @@ class Resolver:
         return [VariableMatch(dcid=c.dcid, name=self._variables[c.dcid].name, score=c.score, matched=c.reason)
                 for c in self.matcher.search(" ".join(words), k=k) if c.dcid in self._variables]
 
-    def _has_data(self, variable: str, resolution: Resolution) -> bool:
+    def _has_data(self, variable: str, resolution: Resolution, dates: list[str]) -> bool:
+        """Whether ``variable`` has a value for a place asked about (at every one of ``dates``)."""
         if resolution.child_type and resolution.parent is not None:
             parent = resolution.parent.dcid
-            children = [p for p in self.store.places() if p.type == resolution.child_type] if parent == "Earth" \
-                else self.store.children(parent, resolution.child_type)
-            return any(self.store.has_data(c.dcid, variable) for c in children)
-        return any(self.store.has_data(p.dcid, variable) for p in resolution.places)
+            entities = [p.dcid for p in self.store.places() if p.type == resolution.child_type] \
+                if parent == "Earth" else [p.dcid for p in self.store.children(parent, resolution.child_type)]
+        else:
+            entities = [p.dcid for p in resolution.places]
+        entities = [e for e in entities if self.store.has_data(e, variable)]
+        return any(all(self.store.observation(e, variable, d) is not None for d in dates) for e in entities)
 
-    def _choose(self, candidates: list[VariableMatch], resolution: Resolution) -> None:
+    def _extra_qualifiers(self, candidate: VariableMatch, asked: set[str]) -> set[str]:
+        """Qualifiers in the candidate's name that the question does not ask for ("female", "growth")."""
+        name = {QUALIFIER_EQUIVALENTS.get(w, w) for w in canonical_words(candidate.name)}
+        asked = {QUALIFIER_EQUIVALENTS.get(w, w) for w in asked}
+        return {w for w in name if w in QUALIFIERS and w != "total" and w not in asked and stem(w) not in asked}
+
+    def _unmet(self, dcid: str, asked: list[str] | set[str]) -> list[str]:
+        """Qualifiers the question asks for ("women", "per capita", "rate") that the variable does not cover."""
+        known = self._known_words[dcid]
+        known = known | {QUALIFIER_EQUIVALENTS.get(w, w) for w in known}
+        return [w for w in asked if w in QUALIFIERS and w not in known and stem(w) not in known
+                and QUALIFIER_EQUIVALENTS.get(w, w) not in known]
+
+    def _choose(self, candidates: list[VariableMatch], resolution: Resolution, rest: list[str]) -> None:
+        """The best candidate, or an equally scored one that has data for the places asked about (at the
+        asked date, or both ends of an asked change) where the best has none, as Data Commons prefers
+        variables with data. An equal score with a qualifier the question lacks ("female") does not count."""
         eligible = [c for c in candidates if c.score >= self.threshold]
         if not eligible:
             return
-        with_data = next((c for c in eligible if self._has_data(c.dcid, resolution)), None)
+        asked = set(canonical_words(" ".join(rest)))
+        ties = [eligible[0]] + [c for c in eligible[1:] if c.score >= eligible[0].score - 1e-9
+                                and not self._extra_qualifiers(c, asked) and not self._unmet(c.dcid, asked)]
+        wanted = [resolution.date] if resolution.date else \
+            list(resolution.date_range) if resolution.change and resolution.date_range[1] != "9999" else []
+        with_data = next((c for c in ties if wanted and self._has_data(c.dcid, resolution, wanted)), None) \
+            or next((c for c in ties if self._has_data(c.dcid, resolution, [])), None)
         resolution.variable = with_data or eligible[0]
         if with_data is not None and with_data is not eligible[0]:
             where = resolution.parent.name if resolution.parent else ", ".join(p.name for p in resolution.places)
-            resolution.choice = (f"{eligible[0].name} ({eligible[0].score:.2f}) has no data for {where}; "
-                                 f"{with_data.name} is the best match that has")
+            when = f" in {' and '.join(wanted)}" if wanted else ""
+            resolution.choice = (f"{eligible[0].name} ({eligible[0].score:.2f}) has no data for {where}{when}; "
+                                 f"{with_data.name}, scored as well, has")
 
     def resolve(self, query: str) -> Resolution:
         query = query[:MAX_QUESTION_CHARS]
@@ -270,17 +296,15 @@ class Resolver:
 
         candidates = self.match_variables(rest)
         resolution.candidates = candidates[:5]
-        self._choose(candidates, resolution)
+        self._choose(candidates, resolution, rest)
         if resolution.group_members and resolution.variable is not None \
                 and self.store.has_data(resolution.parent.dcid, resolution.variable.dcid):
             resolution.child_type = None  # the group's own value ("primary completion rate in low income countries")
 
         if resolution.variable is not None:
-            known = self._known_words[resolution.variable.dcid]
-            known |= {QUALIFIER_EQUIVALENTS.get(w, w) for w in known}
-            asked = canonical_words(" ".join(rest))
-            unmet = [w for w in asked if w in QUALIFIERS and w not in known and stem(w) not in known
-                     and QUALIFIER_EQUIVALENTS.get(w, w) not in known]
+            asked = [w for w in canonical_words(" ".join(rest))
+                     if not (resolution.change and w in CHANGE_WORDS)]  # "how did X change": the two ends
+            unmet = self._unmet(resolution.variable.dcid, asked)
             if unmet:
                 shown = " ".join("per capita" if w == "percapita" else w for w in unmet)
                 resolution.problem = (f"the question asks about {shown!r}, which "
