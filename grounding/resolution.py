@@ -110,10 +110,10 @@ class Resolution(BaseModel):
 
 
 def parse_dates(text: str) -> tuple[str | None, tuple[str, str] | None, list[tuple[int, int]]]:
-    """(single date, inclusive range, character spans used) from a question; years 1800-2100."""
+    """(single date, inclusive range, character spans used) from a question; years 1500-2199 (not "per 1000")."""
     spans = []
-    decade = re.search(r"\b(1[89]\d0|20\d0)s\b", text)
-    years = [(m.group(0), m.span()) for m in re.finditer(r"\b(1[89]\d\d|20\d\d|2100)\b(?!s)", text)]
+    decade = re.search(r"\b(1[5-9]\d0|2[01]\d0)s\b", text)
+    years = [(m.group(0), m.span()) for m in re.finditer(r"\b(1[5-9]\d\d|2[01]\d\d)\b(?!s)", text)]
     if decade:
         start = decade.group(1)
         spans.append(decade.span())
@@ -242,7 +242,7 @@ class Resolver:
         eligible = [c for c in candidates if c.score >= self.threshold]
         if not eligible:
             return
-        asked = set(canonical_words(" ".join(rest)))
+        asked = {w for w in canonical_words(" ".join(rest)) if not (resolution.change and w in CHANGE_WORDS)}
         ties = [eligible[0]] + [c for c in eligible[1:] if c.score >= eligible[0].score - 1e-9
                                 and not self._extra_qualifiers(c, asked) and not self._unmet(c.dcid, asked)]
         wanted = [resolution.date] if resolution.date else \
