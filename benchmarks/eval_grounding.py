@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from grounding.server import start_server
     from grounding.sources import open_source
-
     from grounding.store import open_gapminder_store
 
     store = open_gapminder_store() if args.store == "gapminder" else None

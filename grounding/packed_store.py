@@ -445,14 +445,6 @@ class PackedStore:
         years = [part[0] for e in entities if (part := data.slice(e)) is not None]
         return [str(y) for y in np.unique(np.concatenate(years))] if years else []
 
-    def values_at(self, variable: str, date: str, entities: Iterable[str]) -> dict[str, Observation]:
-        """{entity: observation at ``date``} for the entities that have one (projections for future years)."""
-        found = {}
-        for entity in entities:
-            observation = self.observation(entity, variable, date)
-            if observation is not None:
-                found[entity] = observation
-        return found
 
     def variables_with_data(self, entity: str) -> list[str]:
         return sorted({variable for (variable, _kind), entities in self._entity_lists().items() if entity in entities})

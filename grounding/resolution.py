@@ -30,7 +30,13 @@ from pydantic import BaseModel, Field
 
 from .store import Place, StatStore
 from .text import normalize, stem
-from .variable_match import DEFAULT_THRESHOLD, LexicalVariableIndex, VariableDoc, VariableMatcher, canonical_words
+from .variable_match import (
+    DEFAULT_THRESHOLD,
+    LexicalVariableIndex,
+    VariableDoc,
+    VariableMatcher,
+    canonical_words,
+)
 
 __all__ = ["Resolver", "Resolution", "PlaceMatch", "VariableMatch", "parse_dates", "DEFAULT_THRESHOLD",
            "CASE_SENSITIVE_ALIASES", "AREA_TYPES"]

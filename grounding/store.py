@@ -416,14 +416,6 @@ class Store:
             return self._db.execute("SELECT 1 FROM observations WHERE entity = ? AND variable = ? LIMIT 1",
                                     (entity, variable)).fetchone() is not None
 
-    def values_at(self, variable: str, date: str, entities: Iterable[str]) -> dict[str, Observation]:
-        """{entity: observation at ``date``} for the entities that have one."""
-        found = {}
-        for entity in entities:
-            observation = self.observation(entity, variable, date)
-            if observation is not None:
-                found[entity] = observation
-        return found
 
 
 def _is_iso_date(text: str) -> bool:
@@ -451,7 +443,6 @@ class StatStore(Protocol):
     def dates(self, variable: str, entities: Iterable[str] | None = None) -> list[str]: ...
     def variables_with_data(self, entity: str) -> list[str]: ...
     def has_data(self, entity: str, variable: str) -> bool: ...
-    def values_at(self, variable: str, date: str, entities: Iterable[str]) -> dict[str, Observation]: ...
 
 
 @lru_cache(maxsize=1)

@@ -411,7 +411,7 @@ def build(tarball: Path, excerpt_dir: Path = OUT_DIR) -> dict:
     series: dict[tuple[str, str], list[tuple[str, int, str]]] = defaultdict(list)
     counts = {"datapoint_files": 0, "values": 0, "observations": 0, "projections": 0}
     skipped = []
-    for file_name, measure, by, gendered, header, body in sg["datapoints"]:
+    for file_name, measure, _by, gendered, _header, body in sg["datapoints"]:
         if measure not in measures:
             skipped.append(f"{file_name}: {measure!r} is not a measure in ddf--concepts.csv (not numeric data)")
             continue
