@@ -76,11 +76,14 @@ def check_table(result: PointResult | TableResult | None, expected: dict) -> lis
     return wrong
 
 
-def evaluate(source, questions: list[dict], verbose: bool = False) -> dict:
+def evaluate(source, questions: list[dict], verbose: bool = False, default_store: bool = False) -> dict:
+    """``default_store``: use each item's ``default_store`` block (the answer Systema Globalis gives) when it has one."""
     answerable = correct = covered = unanswerable = abstained = 0
     failures = []
     start = time.perf_counter()
     for item in questions:
+        if default_store and "default_store" in item:
+            item = {**item, **item["default_store"]}
         kind, expected = item["kind"], item["expected"]
         try:
             if kind == "table":
@@ -152,6 +155,9 @@ def verify_expected(questions: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", default="local", choices=("local", "nl", "rest"))
+    parser.add_argument("--store", default="default", choices=("default", "gapminder"),
+                        help="local source: the default store (Systema Globalis + the gapminder excerpt) or the "
+                             "gapminder excerpt alone, the store the question sets were first written for")
     parser.add_argument("--base-url", default=None, help="base URL of the nl/rest endpoint (self-hosted Data Commons)")
     parser.add_argument("--via-local-server", action="store_true",
                         help="serve the embedded store on 127.0.0.1 and evaluate the NL client against it")
@@ -168,15 +174,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from grounding.server import start_server
     from grounding.sources import open_source
+    from grounding.store import open_gapminder_store
 
+    store = open_gapminder_store() if args.store == "gapminder" else None
+    on_default = args.store == "default" and args.source == "local"
     if args.via_local_server:
-        with start_server() as server:
-            report = evaluate(open_source("nl", base_url=server.url), questions, verbose=args.verbose)
+        with start_server(store) as server:
+            report = evaluate(open_source("nl", base_url=server.url), questions, verbose=args.verbose,
+                              default_store=args.store == "default")
         args.source = f"nl via {server.url}"
     else:
         settings = {"base_url": args.base_url} if args.base_url else {}
-        report = evaluate(open_source(kind=args.source, **settings), questions, verbose=args.verbose)
-    report["source"] = args.source
+        if args.source == "local" and store is not None:
+            settings["store"] = store
+        report = evaluate(open_source(kind=args.source, **settings), questions, verbose=args.verbose,
+                          default_store=on_default)
+    report["source"] = args.source + (f" ({args.store} store)" if args.source == "local" else "")
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -7,7 +7,7 @@ the question, stated plainly with their sources (and, in RAG mode, the tables).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -36,6 +36,11 @@ class Answer(BaseModel):
     no_answer: bool = False  # the source had nothing for the question (or the model said [NO ANSWER])
     fallback: bool = False  # RAG: answered from the bare question, without tables
     errors: dict[str, str] = Field(default_factory=dict)  # query -> lookup failure
+    # How the question resolved (the local store explains itself: "resolved to: ... (0.83); also considered:
+    # ..."), the nearest years when the asked one has no value, and the sources' attribution lines.
+    resolution: dict[str, Any] | None = None
+    nearest: list[PointResult] = Field(default_factory=list)
+    attribution: list[str] = Field(default_factory=list)
 
     @property
     def failed(self) -> bool:
@@ -61,6 +66,8 @@ class Answer(BaseModel):
         notes += [f"lookup failed for {query!r}: {error}" for query, error in self.errors.items()]
         if notes:
             parts.append("\n".join(notes))
+        if self.attribution:
+            parts.append("\n".join(self.attribution))
         return "\n\n".join(p for p in parts if p)
 
 
@@ -72,9 +79,10 @@ def _subject(point: PointResult) -> str:
 
 def state_plainly(point: PointResult, citation: str = "") -> str:
     """``Life expectancy in Kenya was 54.11 years in 2007, according to Gapminder [1].``"""
-    text = f"{_subject(point)} was {_value_with_unit(point.value, point.unit)}"
+    verb = "is projected to be" if point.projection else "was"
+    text = f"{_subject(point)} {verb} {_value_with_unit(point.value, point.unit)}"
     if point.date:
-        text += f" in {point.date}"
+        text += f" in {point.date}" + (" (projection)" if point.projection else "")
     if point.source is not None:
         text += f", according to {point.source.name}"
     return text + (f" {citation}" if citation else "") + "."
@@ -109,8 +117,44 @@ def _lookup(source: StatSource, query: str, mode: Literal["point", "table"]):
     return lookup_many(source, [query], mode=mode, max_workers=1)[0]
 
 
+def _comparison_sentence(t: NumberedTable) -> str:
+    """``Life expectancy: France 80.657 years (2007), Germany 79.406 years (2007) [Table 1].``"""
+    table = t.table
+    variable = table.columns[-1]
+    shown = ", ".join(f"{row[0]} {_value_with_unit(row[-1], table.unit)} ({row[1]})" for row in table.rows)
+    return f"{variable}: {shown} [Table {t.number}]."
+
+
+def _nearest_sentence(explanation: dict[str, Any], nearest: list[PointResult]) -> str:
+    """``No value for 1990 (Life expectancy in Kenya); the nearest: 1987: 59.339 years, 1992: 59.285 years,
+    according to Gapminder.``"""
+    by_place: dict[str, list[PointResult]] = {}
+    for point in nearest:
+        by_place.setdefault(point.place_name or "", []).append(point)
+    parts = []
+    for place, points in by_place.items():
+        shown = ", ".join(f"{p.date}{' (projection)' if p.projection else ''}: {_value_with_unit(p.value, p.unit)}"
+                          for p in points)
+        parts.append(f"{points[0].variable_name} in {place}: {shown or 'no other year'}")
+    source = nearest[0].source.name if nearest and nearest[0].source else None
+    text = f"No value for {explanation['missing_date']}; the nearest years: " + "; ".join(parts)
+    return text + (f", according to {source}." if source else ".")
+
+
+def _change_sentence(change: dict[str, Any]) -> str:
+    start, end = PointResult(**change["start"]), PointResult(**change["end"])
+    percent = f", {change['percent']:+.1f}%" if change["percent"] is not None else ""
+    text = (f"{start.variable_name} in {change['place_name']} went from {_value_with_unit(start.value, start.unit)} "
+            f"in {start.date} to {_value_with_unit(end.value, end.unit)} in {end.date} "
+            f"({'+' if change['difference'] > 0 else ''}{_value_with_unit(change['difference'], start.unit)}{percent})")
+    return text + (f", according to {start.source.name}." if start.source else ".")
+
+
 def _answer_without_model(question: str, mode: Literal["rag", "rig"], source: StatSource) -> Answer:
     answer = Answer(question=question, mode=mode, text="", source=source.name)
+    explain = getattr(source, "explain", None)  # the local store explains how it resolved the question
+    explanation = explain(question).model_dump(mode="json") if explain is not None else None
+    answer.resolution = explanation
     point = _lookup(source, question, "point")
     if point.error is not None:
         answer.errors[question] = point.error
@@ -125,6 +169,7 @@ def _answer_without_model(question: str, mode: Literal["rag", "rig"], source: St
     # A table over many places (countries in Africa) is not summed up by the one value a point lookup
     # picks from it (the top-ranked place); state only the table then.
     many_places = any(len(t.table.places) > 1 for t in answer.tables)
+    comparison = [t for t in answer.tables if t.table.kind == "comparison"]
     if isinstance(point.result, PointResult) and not many_places:
         answer.statistics = [point.result]
         if mode == "rig":
@@ -137,9 +182,16 @@ def _answer_without_model(question: str, mode: Literal["rag", "rig"], source: St
         else:
             sentences.append(state_plainly(point.result, "[Table 1]" if answer.tables else ""))
     for t in answer.tables:
-        sentences.append(_describe_table(t))
+        sentences.append(_comparison_sentence(t) if t in comparison else _describe_table(t))
+    if explanation is not None:
+        sentences += [_change_sentence(change) for change in explanation["change"]]
+        if explanation["missing_date"] and explanation["nearest"]:
+            answer.nearest = [PointResult(**p) for p in explanation["nearest"]]
+            sentences.append(_nearest_sentence(explanation, answer.nearest))
+    found = [point.result, table.result if mode == "rag" else None, *answer.nearest]
+    answer.attribution = list(dict.fromkeys(r.attribution for r in found if r is not None and r.attribution))
+    answer.no_answer = not answer.statistics and not answer.tables and not (explanation or {}).get("change")
     if not sentences:
-        answer.no_answer = True
         sentences.append(f"No statistics found for this question in the {source.name!r} statistics source.")
     answer.text = " ".join(sentences)
     return answer

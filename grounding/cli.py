@@ -35,7 +35,7 @@ def register(sub) -> None:
     s = sub.add_parser("serve-stats", help="serve the statistics store over HTTP (Data Commons NL/REST shapes)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--store", default=None, help="SQLite store file (default: the embedded gapminder store)")
+    s.add_argument("--store", default=None, help="store file (default: the embedded store, Systema Globalis)")
     s.set_defaults(func=_cmd_serve_stats)
 
 
@@ -65,13 +65,16 @@ def _cmd_ask(args) -> int:
 
 
 def _cmd_serve_stats(args) -> int:
-    from pathlib import Path
 
     from .server import serve
-    from .store import Store
+    from .store import open_store
+    from .types import GroundingError
 
-    if args.store is not None and not Path(args.store).is_file():
-        raise FileNotFoundError(f"{args.store}: no such store file (build one with grounding.store.Store.import_csv)")
+    try:
+        store = open_store(args.store) if args.store else None
+    except GroundingError as exc:
+        print(f"gemma-ground serve-stats: error: {exc}", file=sys.stderr)
+        return 2
     print(f"serving statistics on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
-    serve(Store(args.store) if args.store else None, host=args.host, port=args.port)
+    serve(store, host=args.host, port=args.port)
     return 0

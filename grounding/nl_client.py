@@ -56,6 +56,9 @@ class NLChart(BaseModel):
     highlight: NLHighlight | None = None
     dataCsv: str | None = Field(default=None, validation_alias=AliasChoices("dataCsv", "data_csv"))
     dcUrl: str | None = None
+    # Not in Data Commons' answers; our own server (grounding.server) sends them.
+    attribution: str | None = None
+    projection: bool = False
 
 
 class NLResponse(BaseModel):
@@ -104,7 +107,8 @@ def parse_point(query: str, response: NLResponse) -> PointResult | None:
                 query=query, value=chart.highlight.value, unit=chart.unit or None, date=chart.highlight.date,
                 source=SourceRef(name=source.name, url=source.url) if source else None, title=chart.title or None,
                 variable=chart.vars[0] if chart.vars else _matched_variable(response),
-                place=chart.places[0] if chart.places else None, score=_match_score(response), url=chart.dcUrl)
+                place=chart.places[0] if chart.places else None, score=_match_score(response), url=chart.dcUrl,
+                projection=chart.projection, attribution=chart.attribution)
     return None
 
 
@@ -124,7 +128,7 @@ def parse_table(query: str, response: NLResponse) -> TableResult | None:
             query=query, title=chart.title, unit=chart.unit or None,
             source=SourceRef(name=source.name, url=source.url) if source else None, columns=header,
             rows=[[_cell(c, h) for c, h in zip(r, header, strict=True)] for r in body], variables=chart.vars, places=chart.places,
-            score=_match_score(response), url=chart.dcUrl)
+            score=_match_score(response), url=chart.dcUrl, attribution=chart.attribution)
     return None
 
 

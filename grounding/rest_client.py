@@ -30,7 +30,8 @@ from datacommons_client.utils.error_handling import DataCommonsError
 from pydantic import BaseModel, ValidationError
 
 from .http import DEFAULT_REST_URL, HttpClient, ResponseCache, RetryPolicy, api_key_from_env
-from .resolver import CHILD_WORDS, RANK_ASCENDING, STOPWORDS, normalize, parse_dates
+from .resolution import CHILD_WORDS, RANK_ASCENDING, parse_dates
+from .text import STOPWORDS, normalize
 from .types import DataSourceError, PointResult, SchemaDriftError, SourceRef, TableResult
 
 __all__ = ["RestClient", "ResilientAPI", "IndicatorCandidate", "REQUIRED_FIELDS"]

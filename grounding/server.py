@@ -39,8 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .asgi import BackgroundServer, LimitedRequests, RequestLimits, hardened_protocol, run_server
-from .resolver import CASE_SENSITIVE_ALIASES, LocalSource, Resolution, normalize, stem
-from .store import Observation, Place, Store, open_default_store
+from .resolver import CASE_SENSITIVE_ALIASES, LocalSource, Resolution
+from .store import Observation, Place, StatStore, open_default_store
+from .text import normalize, stem
 from .types import PointResult, TableResult
 
 __all__ = ["StatsServer", "RunningServer", "serve", "start_server", "create_app", "format_number",
@@ -69,6 +70,11 @@ def _csv_line(cells: list[Any]) -> str:
             text = '"' + text.replace('"', '""') + '"'
         out.append(text)
     return ",".join(out)
+
+
+def _extras(attribution: str | None, projection: bool) -> dict[str, Any]:
+    """Fields Data Commons does not send: the source's attribution line, and the projection flag."""
+    return {**({"attribution": attribution} if attribution else {}), **({"projection": True} if projection else {})}
 
 
 class RequestError(Exception):
@@ -132,7 +138,7 @@ class ObservationRequest(_Request):
 class StatsServer:
     """The request logic, independent of the HTTP plumbing (one instance per served store)."""
 
-    def __init__(self, store: Store | None = None, threshold: float | None = None):
+    def __init__(self, store: StatStore | None = None, threshold: float | None = None):
         self.source = LocalSource(store, **({} if threshold is None else {"threshold": threshold}))
         self.store = self.source.store
         self._gazetteer: dict[str, list[Place]] = {}
@@ -173,9 +179,10 @@ class StatsServer:
             csv_text = "\r\n".join([_csv_line(["date", point.title])]
                                    + [_csv_line([o.date, o.value]) for o in series])
             chart_type = "LINE"
-        return {"type": chart_type, "title": point.title, "unit": point.unit, "vars": [point.variable],
-                "places": [point.place], **self._source_fields(point.source),
-                "highlight": {"value": point.value, "date": point.date}, "dataCsv": csv_text}
+        chart = {"type": chart_type, "title": point.title, "unit": point.unit, "vars": [point.variable],
+                 "places": [point.place], **self._source_fields(point.source),
+                 "highlight": {"value": point.value, "date": point.date}, "dataCsv": csv_text}
+        return {**chart, **_extras(point.attribution, point.projection)}
 
     def _table_chart(self, table: TableResult, resolution: Resolution) -> dict[str, Any]:
         if resolution.child_type:
@@ -189,7 +196,7 @@ class StatsServer:
                  "data_csv": csv_text}  # the pre-Dec-2024 name, still read by DataGemma's reference client
         if place_type:
             chart["placeType"] = place_type
-        return chart
+        return {**chart, **_extras(table.attribution, False)}
 
     # ---- /v2/node -------------------------------------------------------------------------------------
 
@@ -497,14 +504,14 @@ class RunningServer:
         self.stop()
 
 
-def _make(store: Store | None, api_key: str | None, threshold: float | None, limits: RequestLimits | None):
+def _make(store: StatStore | None, api_key: str | None, threshold: float | None, limits: RequestLimits | None):
     limits = limits or RequestLimits()
     stats = StatsServer(store if store is not None else open_default_store(), threshold)
     protocol = hardened_protocol(_error_document, limits)
     return _wrap(create_app(stats, api_key=api_key), limits), protocol
 
 
-def start_server(store: Store | None = None, host: str = "127.0.0.1", port: int = 0, *,
+def start_server(store: StatStore | None = None, host: str = "127.0.0.1", port: int = 0, *,
                  api_key: str | None = None, threshold: float | None = None,
                  limits: RequestLimits | None = None) -> RunningServer:
     """Serve ``store`` (default: the shipped data) in a daemon thread; ``port=0`` picks a free port.
@@ -513,7 +520,7 @@ def start_server(store: Store | None = None, host: str = "127.0.0.1", port: int 
     return RunningServer(BackgroundServer(app, host, port, protocol=protocol, name="stats-server"))
 
 
-def serve(store: Store | None = None, host: str = "127.0.0.1", port: int = 8080, *,
+def serve(store: StatStore | None = None, host: str = "127.0.0.1", port: int = 8080, *,
           api_key: str | None = None, threshold: float | None = None, limits: RequestLimits | None = None) -> None:
     """Serve ``store`` until interrupted (Ctrl-C). ``gemma-ground serve-stats`` calls this."""
     app, protocol = _make(store, api_key, threshold, limits)

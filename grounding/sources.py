@@ -13,7 +13,7 @@ from .http import DEFAULT_NL_URL, RetryPolicy, api_key_from_env, map_bounded
 from .nl_client import NLClient
 from .resolver import DEFAULT_THRESHOLD, LocalSource
 from .rest_client import RestClient
-from .store import Store
+from .store import open_store
 from .types import AuthError, Lookup, StatSource
 
 __all__ = ["open_source", "lookup_many", "LocalSource", "NLClient", "RestClient", "SOURCE_KINDS"]
@@ -25,8 +25,9 @@ def open_source(kind: Literal["local", "nl", "rest"] | None = None, **settings: 
     """A ``StatSource`` of the given kind (None: "nl" when a key is configured, else "local").
 
     Settings:
-      local: ``store`` (a :class:`Store`, or a path to a SQLite file made with it; default the shipped
-             Gapminder data), ``threshold``.
+      local: ``store`` (a store, or the path of a store file: packed or made with ``python -m
+             grounding.store``; default the shipped default store), ``threshold``, ``matcher`` (a
+             :class:`~grounding.variable_match.VariableMatcher`; default the lexical one).
       nl:    ``base_url`` (default the public endpoint), ``api_key``, ``key_param`` ("key"; "apikey" for
              self-hosted Data Commons), ``policy`` (RetryPolicy), ``cache_dir``, ``cache_ttl``.
       rest:  ``base_url``, ``api_key``, ``policy``, ``cache_dir``, ``cache_ttl``, ``threshold``.
@@ -37,10 +38,11 @@ def open_source(kind: Literal["local", "nl", "rest"] | None = None, **settings: 
     if kind == "local":
         store = settings.pop("store", None)
         if isinstance(store, (str, Path)):
-            store = Store(store)
+            store = open_store(store)
         threshold = settings.pop("threshold", DEFAULT_THRESHOLD)
+        matcher = settings.pop("matcher", None)
         _no_extra(kind, settings)
-        return LocalSource(store, threshold=threshold)
+        return LocalSource(store, threshold=threshold, matcher=matcher)
     if "policy" in settings and not isinstance(settings["policy"], RetryPolicy):
         raise TypeError(f"policy must be a grounding.http.RetryPolicy, got {type(settings['policy']).__name__}")
     if kind == "nl":

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import BaseModel, Field
 
@@ -32,10 +33,14 @@ from .types import GroundingError
 
 __all__ = [
     "Store", "StoreImportError", "RowProblem", "Variable", "Place", "Observation", "DataSource",
-    "open_default_store", "DEFAULT_DATA_DIR",
+    "open_default_store", "open_gapminder_store", "open_store", "StatStore", "DEFAULT_DATA_DIR",
+    "DEFAULT_STORE_PATH",
 ]
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
+# The default store: Gapminder's Systema Globalis and the gapminder excerpt, packed (grounding.packed_store),
+# built by grounding/data/build_default_store.py.
+DEFAULT_STORE_PATH = DEFAULT_DATA_DIR / "default_store.sqlite"
 
 OBSERVATION_COLUMNS = ("entity", "variable", "date", "value", "unit", "source")
 VARIABLE_COLUMNS = ("dcid", "name", "description", "unit", "aliases")
@@ -69,8 +74,14 @@ class Variable(BaseModel):
     dcid: str
     name: str
     description: str = ""
-    unit: str = ""
+    unit: str = ""  # "" = none
     aliases: list[str] = Field(default_factory=list)
+    short_name: str = ""
+    unit_basis: str = ""  # where the unit came from ("format: percent", "name: ...", "none stated in the data")
+    source: str = ""  # the source of its values (a name in the store's sources)
+    source_url: str = ""
+    tags: list[str] = Field(default_factory=list)
+    dataset: str = ""  # the data set it belongs to ("gapminder", "systema_globalis", ...)
 
 
 class Place(BaseModel):
@@ -79,6 +90,10 @@ class Place(BaseModel):
     type: str
     parents: list[str] = Field(default_factory=list)
     aliases: list[str] = Field(default_factory=list)
+    iso_alpha2: str = ""  # ISO 3166-1 codes, when the place has them
+    iso_alpha3: str = ""
+    iso_numeric: str = ""
+    names: dict[str, str] = Field(default_factory=dict)  # language tag -> name ("fr-FR": "Allemagne")
 
 
 class Observation(BaseModel):
@@ -88,11 +103,14 @@ class Observation(BaseModel):
     value: float
     unit: str = ""
     source: str = ""
+    projection: bool = False  # a projected value (a year after the last observed one), not an observation
 
 
 class DataSource(BaseModel):
     name: str
     url: str | None = None
+    licence: str = ""
+    attribution: str = ""  # the line to show with every number from this source
 
 
 class RowProblem(BaseModel):
@@ -353,8 +371,10 @@ class Store:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM observations").fetchone()[0]
 
-    def series(self, entity: str, variable: str) -> list[Observation]:
-        """All observations of one variable for one place, oldest first (one per date: first source)."""
+    def series(self, entity: str, variable: str, *, projections: bool = False) -> list[Observation]:
+        """All observations of one variable for one place, oldest first (one per date: first source).
+
+        Imported stores hold observations only, so ``projections`` changes nothing here."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT entity, variable, date, value, unit, source FROM observations "
@@ -385,6 +405,18 @@ class Store:
             return [r[0] for r in self._db.execute(
                 "SELECT DISTINCT variable FROM observations WHERE entity = ? ORDER BY variable", (entity,))]
 
+    def coverage(self, variable: str) -> int:
+        """How many places have observations of ``variable``."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(DISTINCT entity) FROM observations WHERE variable = ?",
+                                    (variable,)).fetchone()[0]
+
+    def has_data(self, entity: str, variable: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM observations WHERE entity = ? AND variable = ? LIMIT 1",
+                                    (entity, variable)).fetchone() is not None
+
+
 
 def _is_iso_date(text: str) -> bool:
     parts = text.split("-")
@@ -393,8 +425,28 @@ def _is_iso_date(text: str) -> bool:
     return all(len(p) == 2 for p in parts[1:])
 
 
+class StatStore(Protocol):
+    """What the resolver, the server and the answers read from a store (:class:`Store` and
+    :class:`~grounding.packed_store.PackedStore` both provide it)."""
+
+    path: str
+
+    def variables(self) -> list[Variable]: ...
+    def places(self) -> list[Place]: ...
+    def variable(self, dcid: str) -> Variable | None: ...
+    def place(self, dcid: str) -> Place | None: ...
+    def source(self, name: str) -> DataSource | None: ...
+    def children(self, parent: str, place_type: str | None = None) -> list[Place]: ...
+    def count_observations(self) -> int: ...
+    def series(self, entity: str, variable: str, *, projections: bool = False) -> list[Observation]: ...
+    def observation(self, entity: str, variable: str, date: str | None = None) -> Observation | None: ...
+    def dates(self, variable: str, entities: Iterable[str] | None = None) -> list[str]: ...
+    def variables_with_data(self, entity: str) -> list[str]: ...
+    def has_data(self, entity: str, variable: str) -> bool: ...
+
+
 @lru_cache(maxsize=1)
-def _default_store() -> Store:
+def _gapminder_store() -> Store:
     store = Store()
     provenance = json.loads((DEFAULT_DATA_DIR / "provenance.json").read_text(encoding="utf-8"))
     source = provenance["source"]
@@ -403,9 +455,42 @@ def _default_store() -> Store:
     return store
 
 
-def open_default_store() -> Store:
-    """The shipped Gapminder data set (built by ``grounding/data/build_gapminder.py``), in memory, shared."""
+def open_gapminder_store() -> Store:
+    """The gapminder excerpt alone (3 variables, 142 countries, 1952-2007; built by
+    ``grounding/data/build_gapminder.py``), imported into memory, shared. The default store holds it too."""
+    return _gapminder_store()
+
+
+@lru_cache(maxsize=1)
+def _default_store():
+    from .packed_store import PackedStore
+
+    return PackedStore(DEFAULT_STORE_PATH)
+
+
+def open_default_store():
+    """The shipped default store (:data:`DEFAULT_STORE_PATH`: Systema Globalis and the gapminder excerpt),
+    opened read-only, shared."""
     return _default_store()
+
+
+def open_store(path: str | Path):
+    """A store file: a packed store (read-only) or an importable SQLite store; a missing, truncated or
+    foreign file raises :class:`~grounding.packed_store.StoreFormatError` naming it."""
+    from .packed_store import PackedStore, StoreFormatError, _check_complete, is_packed_store
+
+    path = Path(path)
+    if not path.is_file():
+        raise StoreFormatError(f"{path}: no such store file (build one with python -m grounding.store)")
+    _check_complete(path)
+    if is_packed_store(path):
+        return PackedStore(path)
+    try:
+        store = Store(path)
+        store.count_observations()
+    except sqlite3.Error as exc:
+        raise StoreFormatError(f"{path}: not a readable statistics store ({exc})") from None
+    return store
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,8 @@ class PointResult(BaseModel):
     place_name: str | None = None
     score: float | None = None  # resolver confidence for the variable match, 0..1 when known
     url: str | None = None  # a page where a reader can see the series (dcUrl)
+    projection: bool = False  # a projected value (a year after the last observed one), not an observation
+    attribution: str | None = None  # the line the source asks to be shown with its numbers (licence)
 
 
 class TableResult(BaseModel):
@@ -61,6 +63,8 @@ class TableResult(BaseModel):
     places: list[str] = Field(default_factory=list)
     score: float | None = None
     url: str | None = None
+    kind: Literal["series", "comparison", "ranking"] | None = None  # how to draw it: line, bars, ranked bars
+    attribution: str | None = None  # the line the source asks to be shown with its numbers (licence)
 
 
 class Lookup(BaseModel):

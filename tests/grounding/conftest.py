@@ -1,6 +1,8 @@
 """Fixtures for the grounding tests: real servers on 127.0.0.1 and the independent truth.
 
-- ``stats_server``: our statistics server on the shipped Gapminder store (session-wide, free port).
+- ``default_store`` / ``gapminder_store``: the shipped default store (Systema Globalis and the gapminder
+  excerpt) and the gapminder excerpt alone.
+- ``stats_server``: our statistics server on the shipped default store (session-wide, free port).
 - ``fault_server``: a programmable server. ``fault_server.plan(path, [Fault(...), ...])`` makes the next
   requests to ``path`` misbehave in order, after which it answers ``fault_server.good[path]``. It records
   every request (path, query string, headers) in ``fault_server.requests``.
@@ -23,12 +25,18 @@ from typing import Any
 import pytest
 
 from grounding.server import start_server
-from grounding.store import open_default_store
+from grounding.store import open_default_store, open_gapminder_store
 
 
 @pytest.fixture(scope="session")
 def default_store():
     return open_default_store()
+
+
+@pytest.fixture(scope="session")
+def gapminder_store():
+    """The gapminder excerpt alone: the store the original question sets were written for."""
+    return open_gapminder_store()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from raw_http import check_refused, exchange, hostile_requests, request_head
 
 from grounding.asgi import RequestLimits
 from grounding.server import start_server
+from grounding.store import open_gapminder_store
 
 LIMITS = RequestLimits(max_body_bytes=1 << 20, body_timeout=0.8, head_timeout=0.8)
 TIMEOUT = 10
@@ -106,8 +107,17 @@ def test_unknown_methods_and_paths_are_json(server):
     assert response.status == 404 and response.json()["code"] == 404
 
 
-def test_official_client_fetches_available_variables(server, gapminder_truth):
-    """``fetch_available_statistical_variables`` sends an empty variable list: the variables with data."""
+@pytest.fixture(scope="module")
+def gapminder_server():
+    running = start_server(open_gapminder_store(), limits=LIMITS)
+    yield running
+    running.stop()
+
+
+def test_official_client_fetches_available_variables(gapminder_server, gapminder_truth):
+    """``fetch_available_statistical_variables`` sends an empty variable list: the variables with data.
+    Run on the gapminder excerpt, whose three measures cover every country (the oracle is its CSV)."""
+    server = gapminder_server
     client = DataCommonsClient(url=server.rest_url)
     available = client.observation.fetch_available_statistical_variables(["country/KEN", "country/JPN"])
     assert set(available) == {"country/KEN", "country/JPN"}
