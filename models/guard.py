@@ -253,13 +253,18 @@ class SafetyGuard:
         chosen = self.policies if policies is None else resolve_policies(policies)
         return [build_prompt(text, p, response=response, response_position=self.response_position) for p in chosen]
 
+    def prompt_ids(self, text: str, *, response: str | None = None,
+                   policies: Iterable[str | Policy] | None = None) -> list[list[int]]:
+        """The token ids scored for each policy (``<bos>`` + the prompt text)."""
+        return [self.tokenizer.encode(p, add_bos=True)
+                for p in self.prompts(text, response=response, policies=policies)]
+
     def probabilities(self, text: str, *, response: str | None = None,
                       policies: Iterable[str | Policy] | None = None,
                       share_prefix: bool | None = None) -> dict[str, float]:
         """P(violation) per policy name for ``text`` (a user prompt) or for ``response`` to it."""
         chosen = self.policies if policies is None else resolve_policies(policies)
-        prompts = self.prompts(text, response=response, policies=chosen)
-        rows = [self.tokenizer.encode(p, add_bos=True) for p in prompts]
+        rows = self.prompt_ids(text, response=response, policies=chosen)
         context = self.model.config.max_position_embeddings
         longest = max(len(r) for r in rows)
         if longest > context:
