@@ -1,7 +1,7 @@
 """``ask(..., guard=...)`` and ``gemma-ground ask --guard``: the safety guard as a pipeline step.
 
 The guard is a real :class:`models.guard.SafetyGuard` over a tiny random Gemma 2 checkpoint
-(``examples/sample_data.write_tiny_shieldgemma``); its threshold makes it flag everything (0: every
+(``tests/guard_support.py``); its threshold makes it flag everything (0: every
 P(violation) >= 0) or nothing (1: the test checks every score is below 1). The data source is our
 statistics server on 127.0.0.1, reached through the Data Commons NL client; its request log (the
 ``grounding.server`` logger, one DEBUG line per request) shows whether anything was asked of it.
@@ -10,51 +10,27 @@ statistics server on 127.0.0.1, reached through the Data Commons NL client; its 
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
+import guard_support
 import pytest
+from guard_support import answer_only_guard, server_requests, with_threshold
 from test_ask import KENYA_2007, Scripted
 
 from grounding import Answer, ask
-from grounding.server import start_server
 from grounding.sources import open_source
 from models.cli import main
-from models.guard import SafetyGuard, load_guard
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-import sample_data  # noqa: E402
 
 QUESTIONS = [KENYA_2007, "How has GDP per capita changed in Japan?", "Life expectancy of countries in Africa in 2007"]
 
 
 @pytest.fixture(scope="module")
-def guard_dir(tmp_path_factory) -> Path:
-    return sample_data.write_tiny_shieldgemma(tmp_path_factory.mktemp("guard") / "tiny-shieldgemma")
+def tiny_guard():
+    return guard_support.tiny_guard()
 
 
-@pytest.fixture(scope="module")
-def tiny_guard(guard_dir):
-    return load_guard(guard_dir)
-
-
-def with_threshold(guard, threshold: float) -> SafetyGuard:
-    return SafetyGuard(guard.model, guard.tokenizer, threshold=threshold, model_id=guard.model_id)
-
-
-@pytest.fixture(scope="module")
-def server():
-    with start_server() as running:
-        yield running
-
-
-def server_requests(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "grounding.server" and r.getMessage().split()[0] in ("GET", "POST")]
-
-
-def test_a_guard_that_flags_everything_refuses_and_touches_no_data_source(tiny_guard, server, caplog):
+def test_a_guard_that_flags_everything_refuses_and_touches_no_data_source(tiny_guard, stats_server, caplog):
     caplog.set_level(logging.DEBUG, logger="grounding.server")
-    source = open_source("nl", base_url=server.url)
+    source = open_source("nl", base_url=stats_server.url)
     strict = with_threshold(tiny_guard, 0.0)
     for question in QUESTIONS:
         for mode in ("rag", "rig"):
@@ -90,24 +66,18 @@ def test_a_guard_that_flags_nothing_changes_no_answer(tiny_guard):
 
 
 def test_a_flagged_answer_is_withheld(tiny_guard):
-    for question in QUESTIONS:
-        plain = ask(question, mode="rag")
-        asked = max(tiny_guard.probabilities(question).values())
-        answered = max(tiny_guard.probabilities(question, response=plain.text).values())
-        if answered > asked:
-            break
-    else:
-        pytest.fail("no question whose answer scores above the question itself; pick other questions")
-    guarded = ask(question, mode="rag", guard=with_threshold(tiny_guard, (asked + answered) / 2))
+    plain = ask(KENYA_2007, mode="rag")
+    guarded = ask(KENYA_2007, mode="rag", guard=answer_only_guard(tiny_guard, KENYA_2007, plain.text))
     assert guarded.guard.refused == "answer" and not guarded.guard.question.flagged and guarded.guard.answer.flagged
     assert guarded.text.startswith("Refused:") and "flagged this answer" in guarded.text
     assert (guarded.tables, guarded.statistics, guarded.citations) == ([], [], [])
     rendered = guarded.render()
-    assert plain.text not in rendered and "guard scores: Dangerous Content " in rendered
+    (policy,) = guarded.guard.answer.scores
+    assert plain.text not in rendered and f"guard scores: {policy} " in rendered
 
 
-def test_cli_ask_with_a_guard(guard_dir, tiny_guard, capsys):
-    args = ["ask", KENYA_2007, "--mode", "rig", "--guard", str(guard_dir)]
+def test_cli_ask_with_a_guard(tiny_guard, capsys):
+    args = ["ask", KENYA_2007, "--mode", "rig", "--guard", str(guard_support.tiny_guard_dir())]
     assert main([*args, "--guard-threshold", "0", "--json"]) == 0
     refused = Answer.model_validate_json(capsys.readouterr().out)
     assert refused.refused and refused.guard.question.scores == tiny_guard.probabilities(KENYA_2007)
