@@ -16,10 +16,10 @@ from gapminder_truth import gapminder
 from PIL import Image
 from webapp_support import MARKUP_LINE, MARKUP_TITLE, tiny_index
 
-from grounding.webapp import create_app
-from grounding.webapp.app import MAX_BODY_BYTES, WebAppError
+from webapp import create_app
+from webapp.app import MAX_BODY_BYTES, WebAppError
 
-STATIC = Path(__file__).resolve().parents[1] / "grounding" / "webapp" / "static"
+STATIC = Path(__file__).resolve().parents[1] / "webapp" / "static"
 
 
 
@@ -215,7 +215,7 @@ def test_app_settings_errors_and_cli(tmp_path):
     with pytest.raises(Exception, match="no index"):
         create_app(tmp_path / "nowhere")
 
-    from grounding.webapp.cli import register
+    from webapp.cli import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -236,7 +236,7 @@ def test_serve_command_runs_a_real_server_on_loopback(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    script = ("import argparse, sys; from grounding.webapp.cli import register; p = argparse.ArgumentParser(); "
+    script = ("import argparse, sys; from webapp.cli import register; p = argparse.ArgumentParser(); "
               "register(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
     process = subprocess.Popen([sys.executable, "-c", script, "serve", "--index", str(index_dir), "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

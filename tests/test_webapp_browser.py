@@ -47,7 +47,7 @@ def _stop(server, thread, sock) -> None:
 
 @pytest.fixture(scope="module")
 def server_url():
-    from grounding.webapp import create_app
+    from webapp import create_app
 
     index_dir, _ = tiny_index()
     running = _start(create_app(index_dir))
@@ -66,7 +66,7 @@ def model_server_url():
     from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
     from langchain_core.messages import AIMessage
 
-    from grounding.webapp import create_app
+    from webapp import create_app
 
     script = itertools.cycle([AIMessage("What is life expectancy in Japan?"), AIMessage(MODEL_MARKUP)])
     running = _start(create_app(llm=GenericFakeChatModel(messages=script)))

@@ -39,8 +39,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from ..answer import Answer, ask
-from ..types import GroundingError, StatSource
+from grounding.answer import Answer, ask
+from grounding.types import GroundingError, StatSource
 
 __all__ = ["create_app", "serve", "WebAppError", "SearchRequest", "SearchResponse", "SearchHit", "AskRequest",
            "StatusResponse", "ErrorResponse", "MAX_BODY_BYTES", "MAX_K", "MAX_QUERY_CHARS", "MAX_QUESTION_CHARS",
@@ -54,7 +54,7 @@ MAX_QUERY_CHARS = 500
 MAX_QUESTION_CHARS = 1000
 MAX_IMAGE_SIDE = 2000
 THUMBNAIL_SIDE = 320
-STATIC = files("grounding.webapp") / "static"
+STATIC = files("webapp") / "static"
 
 
 class WebAppError(GroundingError):
@@ -126,7 +126,7 @@ class ApiError(HTTPException):
 
 # -- the statistics and search back ends ---------------------------------------------------------------------
 def _stat_source(store) -> StatSource:
-    from ..sources import open_source
+    from grounding.sources import open_source
 
     if store is None:
         return open_source("local")
@@ -277,7 +277,7 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
     source = _stat_source(store)
     model = None
     if llm is not None:
-        from ..langchain import as_grounding_llm
+        from grounding.langchain import as_grounding_llm
 
         model = as_grounding_llm(llm)
     llm_lock = threading.Lock()  # native models keep one KV cache: one generation at a time

@@ -13,4 +13,4 @@ def __getattr__(name: str):
         from . import app
 
         return getattr(app, name)
-    raise AttributeError(f"module 'grounding.webapp' has no attribute {name!r}")
+    raise AttributeError(f"module 'webapp' has no attribute {name!r}")

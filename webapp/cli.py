@@ -2,7 +2,7 @@
 
     gemma-ground serve [--index DIR] [--colpali SOURCE] [--llm SPEC] [--store FILE] [--host H] [--port P]
 
-Thin: parses arguments and calls :func:`grounding.webapp.serve`.
+Thin: parses arguments and calls :func:`webapp.serve`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _cmd_serve(args) -> int:
         embedder = ColPaliEmbedder.load(args.colpali, adapter=args.adapter, device=args.device)
     llm = None
     if args.llm:
-        from ..llm import load_llm
+        from grounding.llm import load_llm
 
         llm = load_llm(args.llm, device=args.device)
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
