@@ -284,6 +284,8 @@ def test_ask_with_a_safety_guard():
     with TestClient(create_app(guard=with_threshold(guard, 0.0)), raise_server_exceptions=False) as client:
         assert client.get("/api/status").json()["guard"].startswith("SafetyGuard(model_id='tiny-shieldgemma'")
         refused = client.post("/api/ask", json={"question": question, "mode": "rig"}).json()
+        too_long = client.post("/api/ask", json={"question": "é" * 999})  # 2 byte tokens each: past the context
+        assert "shorten the text" in assert_json_error(too_long, 422, "guard_error")
     assert refused["guard"]["refused"] == "question" and refused["text"].startswith("Refused: the safety guard")
     assert refused["guard"]["question"]["scores"] == guard.probabilities(question) and refused["statistics"] == []
     with TestClient(create_app(guard=with_threshold(guard, 1.0)), raise_server_exceptions=False) as client:

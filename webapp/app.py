@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException
 
 from grounding.answer import Answer, ask
 from grounding.types import GroundingError, StatSource
+from models.guard import GuardError
 
 __all__ = ["create_app", "serve", "WebAppError", "SearchRequest", "SearchResponse", "SearchHit", "AskRequest",
            "StatusResponse", "ErrorResponse", "MAX_BODY_BYTES", "MAX_K", "MAX_QUERY_CHARS", "MAX_QUESTION_CHARS",
@@ -434,6 +435,8 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
                            max_new_tokens=max_new_tokens, guard=guard)
         except GroundingError as e:
             raise ApiError(502, "upstream_error", f"{type(e).__name__}: {e}") from None
+        except GuardError as e:  # the guard could not score this question (e.g. longer than its context)
+            raise ApiError(422, "guard_error", str(e)) from None
 
     app.state.search = search
     app.state.source = source
