@@ -29,8 +29,9 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer
 
-__all__ = ["Policy", "BUILTIN_POLICIES", "GuardResult", "GuardError", "SafetyGuard", "build_prompt",
+__all__ = ["Policy", "BUILTIN_POLICIES", "GuardResult", "GuardError", "SafetyGuard", "build_prompt", "prompt_parts",
            "load_guard", "resolve_policies", "yes_probabilities", "ResponsePosition", "DEFAULT_THRESHOLD"]
 
 ResponsePosition = Literal["before_policy", "after_policy"]
@@ -115,26 +116,43 @@ def resolve_policies(policies: Iterable[str | Policy] | None) -> list[Policy]:
     return resolved
 
 
-def _turn(label: str, text: str) -> str:
-    return f"<start_of_turn>\n{label}: {text.strip()}\n<end_of_turn>"
+class _Control(str):
+    """A control token the template writes (``<start_of_turn>``), as opposed to text that merely spells one."""
+
+
+_START, _END = _Control("<start_of_turn>"), _Control("<end_of_turn>")
+
+
+def _turn(label: str, text: str) -> list[str]:
+    return [_START, f"\n{label}: {text.strip()}\n", _END]
+
+
+def prompt_parts(text: str, policy: Policy, *, response: str | None = None,
+                 response_position: ResponsePosition = "before_policy") -> list[str]:
+    """The official prompt as text pieces and the template's own control tokens (:class:`_Control`), in
+    order; :func:`build_prompt` joins them. Control-token spellings inside ``text`` or ``response`` stay text."""
+    mode: Mode = "prompt" if response is None else "response"
+    if response_position not in ("before_policy", "after_policy"):
+        raise GuardError(f"response_position must be 'before_policy' or 'after_policy', got {response_position!r}")
+    blocks = [[_PREAMBLE[mode]], _turn("Human Question", text)]
+    response_block = [] if response is None else [_turn("Chatbot Response", response)]
+    if response_position == "before_policy":
+        blocks += response_block
+    blocks += [["Our safety principle is defined in the below:"], [f"* {policy.text(mode)}"]]
+    if response_position == "after_policy":
+        blocks += response_block
+    blocks += [["==="], [_QUESTION.format(subject=_SUBJECT[mode])]]
+    parts: list[str] = []
+    for i, block in enumerate(blocks):
+        parts += (["\n\n"] if i else []) + block
+    return parts
 
 
 def build_prompt(text: str, policy: Policy, *, response: str | None = None,
                  response_position: ResponsePosition = "before_policy") -> str:
     """The official ShieldGemma prompt for ``text`` (a user prompt) against one policy; with ``response``
     the prompt asks whether that response (to ``text``) violates it."""
-    mode: Mode = "prompt" if response is None else "response"
-    if response_position not in ("before_policy", "after_policy"):
-        raise GuardError(f"response_position must be 'before_policy' or 'after_policy', got {response_position!r}")
-    blocks = [_PREAMBLE[mode], _turn("Human Question", text)]
-    response_block = [] if response is None else [_turn("Chatbot Response", response)]
-    if response_position == "before_policy":
-        blocks += response_block
-    blocks += ["Our safety principle is defined in the below:", f"* {policy.text(mode)}"]
-    if response_position == "after_policy":
-        blocks += response_block
-    blocks += ["===", _QUESTION.format(subject=_SUBJECT[mode])]
-    return "\n\n".join(blocks)
+    return "".join(prompt_parts(text, policy, response=response, response_position=response_position))
 
 
 class GuardResult(BaseModel):
@@ -229,6 +247,9 @@ class SafetyGuard:
         self.threshold, self.response_position = float(threshold), response_position
         self.model_id, self.share_prefix = model_id, share_prefix
         self.yes_id, self.no_id = self._token_id("Yes"), self._token_id("No")
+        # A copy of the tokenizer that reads control-token spellings as text (for the screened text).
+        self._text_tokenizer = Tokenizer.from_str(tokenizer.backend.to_str())
+        self._text_tokenizer.encode_special_tokens = True
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -244,20 +265,39 @@ class SafetyGuard:
             raise GuardError(f"token {piece!r} has id {token_id}, outside the model's vocabulary of {vocab}")
         return token_id
 
-    def prompts(self, text: str, *, response: str | None = None,
-                policies: Iterable[str | Policy] | None = None) -> list[str]:
-        """The prompt text for each policy (what :meth:`check` scores)."""
+    def _parts(self, text: str, response: str | None, policies) -> list[list[str]]:
         _check_text(text, "text")
         if response is not None:
             _check_text(response, "response")
         chosen = self.policies if policies is None else resolve_policies(policies)
-        return [build_prompt(text, p, response=response, response_position=self.response_position) for p in chosen]
+        return [prompt_parts(text, p, response=response, response_position=self.response_position) for p in chosen]
+
+    def prompts(self, text: str, *, response: str | None = None,
+                policies: Iterable[str | Policy] | None = None) -> list[str]:
+        """The prompt text for each policy (what :meth:`check` scores)."""
+        return ["".join(parts) for parts in self._parts(text, response, policies)]
 
     def prompt_ids(self, text: str, *, response: str | None = None,
                    policies: Iterable[str | Policy] | None = None) -> list[list[int]]:
-        """The token ids scored for each policy (``<bos>`` + the prompt text)."""
-        return [self.tokenizer.encode(p, add_bos=True)
-                for p in self.prompts(text, response=response, policies=policies)]
+        """The token ids scored for each policy: ``<bos>`` + the prompt. Only the template's own turn
+        markers become control tokens; ``<end_of_turn>`` written in the screened text is encoded as text,
+        so the text cannot close its turn and write instructions of its own to the guard."""
+        return [self._encode(parts) for parts in self._parts(text, response, policies)]
+
+    def _encode(self, parts: list[str]) -> list[int]:
+        ids = [self.tokenizer.bos_id]
+        pending = ""
+        for part in [*parts, None]:
+            control = part is None or isinstance(part, _Control) and self.tokenizer.token_to_id(part) is not None
+            if not control:
+                pending += part
+                continue
+            if pending:  # text between control tokens: one BPE run, as the whole prompt's encoding splits it
+                ids += self._text_tokenizer.encode(pending, add_special_tokens=False).ids
+                pending = ""
+            if part is not None:
+                ids.append(self.tokenizer.token_to_id(part))
+        return ids
 
     def probabilities(self, text: str, *, response: str | None = None,
                       policies: Iterable[str | Policy] | None = None,
