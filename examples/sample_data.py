@@ -6,6 +6,7 @@ ones, but their rankings and answers are meaningless — pass real checkpoints t
     write_tiny_colpali(folder)         -> a ColPali checkpoint directory (config.json, safetensors, tokenizer)
     write_tiny_paligemma(folder)       -> a PaliGemma checkpoint directory
     write_tiny_gemma(folder)           -> a Gemma 3 chat checkpoint directory (Gemma chat template tokens)
+    write_tiny_shieldgemma(folder)     -> a Gemma 2 checkpoint directory a safety guard can load ("Yes"/"No")
 """
 
 from __future__ import annotations
@@ -171,3 +172,45 @@ def write_tiny_gemma(folder: str | Path, *, seed: int = 3) -> Path:
     with torch.no_grad():
         model.model.embed_tokens.weight[:len(specials)] = 0  # never emits control tokens: always some text
     return _save(model, config.to_hf(), tokenizer, Path(folder))
+
+
+# Words of the ShieldGemma prompt, so its text is a few hundred tokens rather than one per character.
+GUARD_WORDS = ["You", "are", "policy", "expert", "trying", "to", "help", "determine", "whether", "user", "prompt",
+               "is", "in", "violation", "of", "the", "defined", "safety", "policies", "Human", "Question", "Our",
+               "principle", "below", "Does", "violate", "above", "answer", "must", "start", "with", "or", "And",
+               "then", "walk", "through", "step", "by", "be", "sure", "we", "correctly", "The", "shall", "not",
+               "contain", "seek", "generation", "content", "that", "chatbot", "generate", "Chatbot", "Response",
+               "an", "AI", "response", "harming", "others", "targeting", "what", "was", "life", "expectancy",
+               "Kenya", "population"]
+
+
+def guard_tokenizer():
+    """A small Gemma-style vocabulary for guard models: control tokens, all 256 byte pieces (any text
+    encodes), ASCII characters, the guard prompt's words built by merges, and "Yes" / "No"."""
+    from models.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, tokenizer_from_vocabulary
+
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    types = [CONTROL, CONTROL, CONTROL, UNKNOWN, CONTROL, CONTROL]
+    pieces += [f"<0x{b:02X}>" for b in range(256)]
+    types += [BYTE] * 256
+    text = ["\u2581", "\n", *(chr(c) for c in range(33, 127)), "Yes", "No", "Ye"]
+    for word in GUARD_WORDS:  # every prefix of each word, so BPE can build it by merges
+        text += [word[:i] for i in range(2, len(word) + 1)] + ["\u2581" + word[:i] for i in range(1, len(word) + 1)]
+    text = list(dict.fromkeys(text))
+    return tokenizer_from_vocabulary(pieces + text, types + [NORMAL] * len(text), bos_id=2)
+
+
+def write_tiny_shieldgemma(folder: str | Path, *, seed: int = 4) -> Path:
+    """A random Gemma 2 checkpoint (ShieldGemma's architecture) with :func:`guard_tokenizer`: a safety
+    guard loads and runs it; its scores are noise."""
+    from models.config import GemmaConfig
+    from models.gemma import GemmaLM
+
+    tokenizer = guard_tokenizer()
+    config = GemmaConfig(architecture="gemma2", vocab_size=tokenizer.get_vocab_size(), hidden_size=64,
+                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=32, max_position_embeddings=2048, query_pre_attn_scalar=32, sliding_window=64,
+                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0, use_qk_norm=False,
+                         rope_theta=10_000.0, rope_local_base_freq=10_000.0,
+                         layer_types=["sliding_attention", "full_attention"])
+    return _save(_randomise(GemmaLM(config), seed), config.to_hf(), tokenizer, Path(folder))

@@ -1,6 +1,7 @@
 """Statistical grounding (DataGemma-style): statistics sources, RIG and RAG pipelines, LLM backends, ``ask``.
 
-Public API: :func:`ask` -> :class:`Answer`; pipelines :class:`RIG` (with :func:`parse_annotations`,
+Public API: :func:`ask` -> :class:`Answer` (``guard=``: a :func:`models.load_guard` safety guard, its
+verdicts in :class:`GuardReport`); pipelines :class:`RIG` (with :func:`parse_annotations`,
 :class:`AnnotationParser`, :func:`ground_text`) and :class:`RAG`; LLM backends :class:`NativeGemma`,
 :class:`GeminiREST`, :class:`LangChainLLM`; sources through :func:`open_source` and
 :func:`lookup_many`; the result types and errors of :mod:`grounding.types`. Submodules import lazily so
@@ -14,7 +15,7 @@ import importlib
 from .types import __all__ as _types_all
 
 _EXPORTS = {
-    "Answer": "answer", "ask": "answer", "state_plainly": "answer",
+    "Answer": "answer", "ask": "answer", "state_plainly": "answer", "GuardReport": "guard",
     "RIG": "rig", "RIGResult": "rig", "Claim": "rig", "Annotation": "rig", "AnnotationParser": "rig",
     "parse_annotations": "rig", "ground_text": "rig", "substitute": "rig",
     "RAG": "rag", "RAGResult": "rag", "NumberedTable": "rag", "parse_questions": "rag", "render_table": "rag",

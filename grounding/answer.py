@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from .guard import Guard, GuardReport, refusal_text, screen
 from .rag import RAG, NumberedTable, number_tables
 from .rig import RIG, Claim, _value_with_unit, footnote_text
 from .types import LLM, PointResult, StatSource
@@ -48,6 +49,11 @@ class Answer(BaseModel):
         Not the same as ``no_answer`` alone, where the source answered that it has no data."""
         grounded = self.statistics or self.tables or any(c.dc_value is not None for c in self.claims)
         return bool(self.errors) and not grounded
+    guard: GuardReport | None = None  # the safety guard's scores (ask(..., guard=...)); refused: text says why
+
+    @property
+    def refused(self) -> bool:
+        return self.guard is not None and self.guard.refused is not None
 
     def render(self) -> str:
         """Human-readable: the answer, footnotes, the tables used, warnings."""
@@ -64,6 +70,9 @@ class Answer(BaseModel):
             notes.append("warning: the answer cites tables that do not exist: "
                          + ", ".join(f"[Table {n}]" for n in self.invalid_citations))
         notes += [f"lookup failed for {query!r}: {error}" for query, error in self.errors.items()]
+        if self.refused:
+            result = self.guard.answer if self.guard.refused == "answer" else self.guard.question
+            notes.append("guard scores: " + ", ".join(f"{name} {p:.3f}" for name, p in result.scores.items()))
         if notes:
             parts.append("\n".join(notes))
         if self.attribution:
@@ -199,18 +208,39 @@ def _answer_without_model(question: str, mode: Literal["rag", "rig"], source: St
 
 def ask(question: str, mode: Literal["rag", "rig"] = "rag", source: str | StatSource | None = "local",
         llm: LLM | None = None, *, answer_llm: LLM | None = None, interleaved: bool = False,
-        max_new_tokens: int = 512, max_workers: int = 8) -> Answer:
+        max_new_tokens: int = 512, max_workers: int = 8, guard: Guard | None = None) -> Answer:
     """Answer a statistical question from ``source`` (a :class:`StatSource`, or ``"local"``/``"nl"``/``"rest"``).
 
     ``llm=None`` states the retrieved statistics plainly. With a model, RAG answers from numbered
     tables with ``[Table N]`` citations (checked; ``answer_llm``, default ``llm``, writes the answer as
     Gemini does in the paper while ``llm`` writes the statistical questions), RIG grounds each
     statistic the model writes (``interleaved=True`` feeds the true values to the model as it writes).
+
+    ``guard`` (:func:`models.load_guard`): the question is screened first; a flagged question gets a
+    refusal (``answer.guard`` holds the scores) and touches no data source and no model. The answer is
+    then screened as the response to the question and replaced by a refusal when flagged.
     """
     if mode not in ("rag", "rig"):
         raise ValueError(f"mode must be 'rag' or 'rig', got {mode!r}")
     if not question or not question.strip():
         raise ValueError("question is empty")
+    if guard is None:
+        return _answer(question, mode, source, llm, answer_llm, interleaved, max_new_tokens, max_workers)
+    checked = GuardReport(question=screen(guard, question))
+    if checked.question.flagged:
+        name = source if isinstance(source, str) or source is None else source.name
+        return Answer(question=question, mode=mode, text=refusal_text(checked.question), source=str(name or "local"),
+                      guard=checked.model_copy(update={"refused": "question"}))
+    answer = _answer(question, mode, source, llm, answer_llm, interleaved, max_new_tokens, max_workers)
+    checked.answer = screen(guard, question, answer.text)
+    if checked.answer.flagged:  # nothing of the flagged answer is shown
+        return Answer(question=question, mode=mode, text=refusal_text(checked.answer), source=answer.source,
+                      model=answer.model, guard=checked.model_copy(update={"refused": "answer"}))
+    return answer.model_copy(update={"guard": checked})
+
+
+def _answer(question: str, mode: Literal["rag", "rig"], source: str | StatSource | None, llm: LLM | None,
+            answer_llm: LLM | None, interleaved: bool, max_new_tokens: int, max_workers: int) -> Answer:
     stat_source = _resolve_source(source)
     if llm is None:
         return _answer_without_model(question, mode, stat_source)

@@ -1,5 +1,5 @@
-"""``gemma-ground ask`` and ``gemma-ground serve-stats``: thin wrappers over :func:`grounding.ask` and
-:func:`grounding.server.serve`."""
+"""``gemma-ground ask`` and ``gemma-ground serve-stats``: thin wrappers over :func:`grounding.ask` (with
+``--guard``: :func:`models.load_guard`) and :func:`grounding.server.serve`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the structured answer as JSON")
+    p.add_argument("--guard", default=None, metavar="MODEL",
+                   help="safety guard (a ShieldGemma checkpoint directory or .gguf): screens the question before "
+                        "any lookup and the answer before it is shown; refusals say why (scores in --json)")
+    p.add_argument("--guard-threshold", type=float, default=0.5,
+                   help="the guard flags when P(violation) >= this for any policy (default 0.5)")
+    p.add_argument("--guard-policy", action="append", default=None, metavar="NAME",
+                   help="guard policy: dangerous, harassment, hate, sexual (repeatable; default: all four)")
     p.set_defaults(func=_cmd_ask)
 
     s = sub.add_parser("serve-stats", help="serve the statistics store over HTTP (Data Commons NL/REST shapes)")
@@ -48,10 +55,16 @@ def _cmd_ask(args) -> int:
     if args.base_url and args.source == "local":
         raise ValueError("--base-url is for --source nl or rest")
     try:
+        guard = None
+        if args.guard:
+            from models.guard import load_guard
+
+            guard = load_guard(args.guard, device=args.device, threshold=args.guard_threshold,
+                               policies=args.guard_policy)
         llm = load_llm(args.model, tokenizer=args.tokenizer, device=args.device) if args.model else None
         source = open_source(args.source, base_url=args.base_url) if args.base_url else args.source
         answer = ask(args.question, mode=args.mode, source=source, llm=llm, interleaved=args.interleaved,
-                     max_new_tokens=args.max_new_tokens)
+                     max_new_tokens=args.max_new_tokens, guard=guard)
     except GroundingError as e:
         print(f"gemma-ground ask: error: {e}", file=sys.stderr)
         return 2

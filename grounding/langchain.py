@@ -11,6 +11,8 @@ Commons lookups as tools, and RIG / RAG as Runnables.
   LCEL: ``{"tables": retriever | format_tables, "question": RunnablePassthrough()} | prompt | model``.
 - :func:`rig_grounder` (the model's RIG text -> :class:`~grounding.rig.RIGResult`), and
   :func:`rag_chain` / :func:`rig_chain` (a question -> :class:`~grounding.answer.Answer`).
+- The safety guard (:func:`models.load_guard`): :func:`safety_guard` passes its input through or raises /
+  returns a refusal; :func:`guarded` puts a retriever, chat model or chain behind it (input and output screened).
 
 Example::
 
@@ -35,10 +37,13 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.prompt_values import PromptValue
 from langchain_core.retrievers import BaseRetriever
-from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.tools import BaseTool, ToolException
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from models.guard import GuardResult
 
 from .types import LLM, DataSourceError, GroundingError, Lookup, StatSource
 
@@ -46,6 +51,7 @@ __all__ = [
     "ChatGemma", "ChatGemmaError", "messages_to_turns",
     "PointLookupInput", "TableLookupInput", "StatPointTool", "StatTableTool", "statistics_tools",
     "StatisticsRetriever", "format_tables", "rig_grounder", "rag_chain", "rig_chain", "as_grounding_llm",
+    "safety_guard", "guarded", "Refusal", "GuardRefusal",
 ]
 
 
@@ -436,3 +442,105 @@ def rig_chain(source: StatSource, llm=None, *, interleaved: bool = False, max_ne
     model = as_grounding_llm(llm) if llm is not None else None
     return RunnableLambda(lambda q: ask(_question_of(q), mode="rig", source=source, llm=model,
                                         interleaved=interleaved, max_new_tokens=max_new_tokens), name="rig_chain")
+
+
+# -- the safety guard as Runnables -------------------------------------------------------------------
+class Refusal(BaseModel):
+    """What a guard Runnable gives instead of a flagged input (or output): the refusal text and the scores."""
+
+    text: str
+    result: GuardResult
+
+
+class GuardRefusal(GroundingError):
+    """Raised by a guard Runnable with ``on_flag="raise"``; ``refusal`` holds the text and the scores."""
+
+    def __init__(self, refusal: Refusal):
+        super().__init__(refusal.text)
+        self.refusal = refusal
+
+
+def _screened_input(value, key: str) -> str:
+    """The text a guard screens in a chain's input: a string, ``value[key]``, a message, or the last human
+    message of a conversation / chat prompt value."""
+    if isinstance(value, PromptValue):
+        value = value.to_messages()
+    if isinstance(value, dict):
+        if key not in value:
+            raise ValueError(f"the guard screens input[{key!r}], but the input has keys {sorted(value)}")
+        value = value[key]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, BaseMessage) for m in value):
+        human = [m for m in value if m.type == "human"]
+        value = (human or list(value))[-1]
+    if isinstance(value, BaseMessage):
+        return _content_text(value.content, "guarded message")
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"the guard screens text: a str, {{{key!r}: str}}, messages or a prompt value, "
+                    f"got {type(value).__name__}")
+
+
+def _screened_output(value) -> str:
+    if isinstance(value, (list, tuple)) and all(isinstance(d, Document) for d in value):
+        return "\n\n".join(d.page_content for d in value)
+    if isinstance(value, BaseModel) and isinstance(getattr(value, "text", None), str):
+        return value.text  # a grounding Answer
+    return _text_of(value)
+
+
+def _refuse(result: GuardResult, on_flag: str):
+    from .guard import refusal_text
+
+    refusal = Refusal(text=refusal_text(result), result=result)
+    if on_flag == "raise":
+        raise GuardRefusal(refusal)
+    return refusal
+
+
+def _check_on_flag(on_flag: str) -> None:
+    if on_flag not in ("raise", "return"):
+        raise ValueError(f"on_flag must be 'raise' or 'return', got {on_flag!r}")
+
+
+def safety_guard(guard, *, on_flag: Literal["raise", "return"] = "raise", key: str = "question") -> Runnable:
+    """A Runnable that passes its input through unchanged when the guard does not flag it; a flagged input
+    raises :class:`GuardRefusal` (``on_flag="raise"``, so ``safety_guard(g) | retriever`` stops there) or
+    becomes a :class:`Refusal` (``"return"``; see :func:`guarded` to skip the rest of a chain).
+
+    ``guard``: :func:`models.load_guard` (a :class:`models.guard.SafetyGuard`). The screened text is the
+    input string, ``input[key]``, or the last human message of a conversation or chat prompt value.
+    """
+    from .guard import screen
+
+    _check_on_flag(on_flag)
+
+    def check(value):
+        result = screen(guard, _screened_input(value, key))
+        return _refuse(result, on_flag) if result.flagged else value
+
+    return RunnableLambda(check, name="safety_guard")
+
+
+def guarded(runnable: Runnable, guard, *, on_flag: Literal["raise", "return"] = "return", key: str = "question",
+            screen_output: bool = True) -> Runnable:
+    """``runnable`` behind the guard: a flagged input never reaches it (a :class:`Refusal` is returned, or
+    :class:`GuardRefusal` raised); with ``screen_output`` its output (text, AI message, documents or an
+    :class:`~grounding.answer.Answer`) is screened as the response to the input and refused when flagged.
+    Works in front of a retriever, a chat model or a whole chain."""
+    from .guard import screen
+
+    _check_on_flag(on_flag)
+
+    def run(value, config: RunnableConfig):
+        question = _screened_input(value, key)
+        result = screen(guard, question)
+        if result.flagged:
+            return _refuse(result, on_flag)
+        output = runnable.invoke(value, config)
+        if screen_output:
+            result = screen(guard, question, _screened_output(output))
+            if result.flagged:
+                return _refuse(result, on_flag)
+        return output
+
+    return RunnableLambda(run, name=f"guarded({runnable.get_name()})")

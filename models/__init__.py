@@ -1,7 +1,8 @@
 """Native PyTorch Gemma-family models: configs, checkpoint and tokenizer loading, generation.
 
 Public API: :func:`load_model`, :func:`load_tokenizer`, :func:`generate` (text, streaming) and
-:func:`generate_ids` (token level), :class:`GemmaConfig` with :func:`preset`. Submodules import
+:func:`generate_ids` (token level), :class:`GemmaConfig` with :func:`preset`, the ShieldGemma safety
+guard (:func:`load_guard` -> :class:`SafetyGuard`, :class:`GuardResult`, :class:`Policy`). Submodules import
 lazily so ``import models`` stays cheap.
 """
 
@@ -19,6 +20,7 @@ _EXPORTS = {
     "generate": "generate", "generate_ids": "generate",
     "CheckpointError": "loading", "load_model": "loading",
     "load_tokenizer": "tokenizer", "GemmaTokenizer": "tokenizer",
+    "SafetyGuard": "guard", "GuardResult": "guard", "Policy": "guard", "load_guard": "guard",
 }
 
 __all__ = sorted(_EXPORTS)

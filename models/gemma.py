@@ -224,6 +224,19 @@ class GemmaLM(nn.Module):
             layer.self_attn.cache = KVCache(batch_size, c.num_key_value_heads, max_len, c.head_dim, dtype, device)
         self.cache_batch = batch_size
 
+    def copy_cache_prefix(self, length: int, rows: int) -> None:
+        """Copy row 0's first ``length`` cached positions to rows ``1..rows-1``: several continuations
+        of one prefix (safety policies after one text) then share a prefill computed once."""
+        if self.model.layers[0].self_attn.cache is None:
+            raise RuntimeError("no KV cache: call setup_cache(batch, max_len) first")
+        if rows > self.cache_batch or length > self.cache_len:
+            raise ValueError(f"{rows} rows x {length} positions exceed the KV cache "
+                             f"({self.cache_batch} x {self.cache_len})")
+        for layer in self.model.layers:
+            cache = layer.self_attn.cache
+            cache.k[1:rows, :, :length] = cache.k[:1, :, :length]
+            cache.v[1:rows, :, :length] = cache.v[:1, :, :length]
+
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.cache = None

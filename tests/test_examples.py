@@ -85,6 +85,20 @@ def test_langchain_chain():
     assert f"Japan was {gapminder('Japan', 2007, 'lifeExp'):g} years in 2007, according to Gapminder [Table 1]" in out
 
 
+def test_guarded_chain():
+    """Threshold 0 flags everything (nothing looked up, the chat model never runs), 1 flags nothing."""
+    strict = run_example("guarded_chain.py", "--threshold", "0")
+    assert re.search(r"^guard: Dangerous Content 0\.\d{3}, Harassment 0\.\d{3}, Hate Speech 0\.\d{3}, "
+                     r"Sexually Explicit Information 0\.\d{3} \(threshold 0: flagged\)$", strict, re.M)
+    refusal = "Refused: the safety guard (tiny-shieldgemma) flagged this question for "
+    assert f"1. guard | retriever: refused: {refusal}" in strict
+    assert f"2. guarded(prompt | chat model): refused (prompt): {refusal}" in strict and "retrieved" not in strict
+    lenient = run_example("guarded_chain.py", "--threshold", "1")
+    assert "(threshold 1: passed)" in lenient and "Refused" not in lenient
+    assert "1. guard | retriever: retrieved 'Life expectancy in Kenya' (Gapminder)" in lenient
+    assert re.search(r"^2\. guarded\(prompt \| chat model\): answer: '.+'$", lenient, re.M)
+
+
 NOT_HERE = {"sample_data.py": "a helper module of the examples, not an example",
             "demo.py": "`make demo` runs it (it loads the real Gemma 3 270M)"}
 

@@ -272,3 +272,25 @@ def test_answers_written_by_a_langchain_chat_model():
     assert answer["text"] == "It rose to 82.6 years [Table 1] <b>[Table 7]</b>."
     assert answer["citations"] == [1] and answer["invalid_citations"] == [7]
     assert answer["tables"][0]["table"]["rows"][-1][-1] == gapminder("Japan", 2007, "lifeExp")
+
+
+def test_ask_with_a_safety_guard():
+    """A guard that flags everything: a refusal with the scores and no lookup; one that flags nothing: the
+    same answer as without a guard, with both checks' scores."""
+    from guard_support import tiny_guard, with_threshold
+
+    question = "What was the life expectancy in Kenya in 2007?"
+    guard = tiny_guard()
+    with TestClient(create_app(guard=with_threshold(guard, 0.0)), raise_server_exceptions=False) as client:
+        assert client.get("/api/status").json()["guard"].startswith("SafetyGuard(model_id='tiny-shieldgemma'")
+        refused = client.post("/api/ask", json={"question": question, "mode": "rig"}).json()
+        too_long = client.post("/api/ask", json={"question": "é" * 999})  # 2 byte tokens each: past the context
+        assert "shorten the text" in assert_json_error(too_long, 422, "guard_error")
+    assert refused["guard"]["refused"] == "question" and refused["text"].startswith("Refused: the safety guard")
+    assert refused["guard"]["question"]["scores"] == guard.probabilities(question) and refused["statistics"] == []
+    with TestClient(create_app(guard=with_threshold(guard, 1.0)), raise_server_exceptions=False) as client:
+        passed = client.post("/api/ask", json={"question": question, "mode": "rig"}).json()
+    with TestClient(create_app(), raise_server_exceptions=False) as client:
+        plain = client.post("/api/ask", json={"question": question, "mode": "rig"}).json()
+    assert passed["guard"]["refused"] is None and passed["guard"]["answer"]["mode"] == "response"
+    assert {**passed, "guard": None} == plain

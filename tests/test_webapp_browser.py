@@ -163,3 +163,35 @@ def test_statistics_answers_with_footnotes_and_tables(page, server_url):
     assert cells["1952"] == _table_number(gapminder("Japan", 1952, "lifeExp"))
     page.screenshot(path=str(ARTIFACTS / "stats-rag.png"), full_page=True)
     assert page.dialogs == [] and page.script_errors == []
+
+
+@pytest.fixture(scope="module")
+def guarded_server_url():
+    """The statistics page behind a safety guard that flags every question (threshold 0)."""
+    from guard_support import tiny_guard, with_threshold
+
+    from webapp import create_app
+
+    running = _start(create_app(guard=with_threshold(tiny_guard(), 0.0)))
+    yield f"http://127.0.0.1:{running.port}"
+    running.stop()
+
+
+def test_statistics_page_shows_a_refusal_and_why(page, guarded_server_url):
+    from guard_support import tiny_guard
+
+    question = "What was the life expectancy in Kenya in 2007?"
+    page.goto(guarded_server_url + "/stats")
+    page.get_by_test_id("status").filter(has_text="screened by the safety guard").wait_for()
+    page.get_by_test_id("question").fill(question)
+    page.get_by_test_id("ask").click()
+    page.get_by_test_id("guard").wait_for()
+    assert page.get_by_test_id("answer-text").inner_text().startswith(
+        "Refused: the safety guard (tiny-shieldgemma) flagged this question for ")
+    assert "refused the question" in page.get_by_test_id("guard-summary").inner_text()
+    rows = [r.split("\t") for r in page.get_by_test_id("guard-score").all_inner_texts()]
+    expected = tiny_guard().probabilities(question)
+    assert rows == [[name, f"{p:.3f}", "flagged"] for name, p in expected.items()]
+    assert page.get_by_test_id("table").count() == 0 and page.get_by_test_id("footnotes").inner_text() == ""
+    page.screenshot(path=str(ARTIFACTS / "stats-guard-refusal.png"), full_page=True)
+    assert page.dialogs == [] and page.script_errors == []

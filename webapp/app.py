@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException
 from grounding.answer import Answer, ask
 from grounding.asgi import LimitedRequests, RequestLimits, hardened_protocol, run_server
 from grounding.types import GroundingError, StatSource
+from models.guard import GuardError
 
 __all__ = ["create_app", "serve", "http_protocol", "public_document_id", "WebAppError", "SearchRequest", "SearchResponse", "SearchHit", "AskRequest",
            "StatusResponse", "ErrorResponse", "MAX_BODY_BYTES", "MAX_K", "MAX_QUERY_CHARS", "MAX_QUESTION_CHARS",
@@ -108,6 +109,7 @@ class StatusResponse(BaseModel):
     model_id: str | None = None
     statistics_source: str
     llm: str | None = None
+    guard: str | None = None  # the safety guard screening questions and answers, if any
 
 
 class ErrorBody(BaseModel):
@@ -277,7 +279,7 @@ def http_protocol(limits: RequestLimits = LIMITS):
 
 
 def create_app(index_dir: str | Path | None = None, store=None, embedder=None, llm=None, *,
-               max_new_tokens: int = 512, limits: RequestLimits = LIMITS) -> FastAPI:
+               max_new_tokens: int = 512, limits: RequestLimits = LIMITS, guard=None) -> FastAPI:
     """The web app.
 
     ``index_dir``: a vision_rag index for the search page (None: search is off, statistics work);
@@ -285,7 +287,8 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
     ``store``: the statistics — a StatSource, a grounding Store or the path of a store file (default: the
     embedded Gapminder store); ``llm``: a grounding LLM or LangChain chat model that writes answers
     (None: the retrieved statistics are stated plainly, with their sources); ``limits``: request body
-    size and time limits (serve with ``http_protocol(limits)`` for the head timeout).
+    size and time limits (serve with ``http_protocol(limits)`` for the head timeout); ``guard``: a safety guard
+    (:func:`models.load_guard`) screening each question and answer (a refusal shows the scores).
     """
     search = _Search(index_dir, embedder) if index_dir is not None else None
     source = _stat_source(store)
@@ -344,7 +347,8 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
         return StatusResponse(search_enabled=search is not None,
                               pages_in_index=len(search.index) if search else None,
                               model_id=search.index.model_id if search else None,
-                              statistics_source=source.name, llm=None if model is None else repr(model))
+                              statistics_source=source.name, llm=None if model is None else repr(model),
+                              guard=None if guard is None else repr(guard))
 
     @app.post("/api/search", response_model=SearchResponse, tags=["search"],
               responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
@@ -444,9 +448,11 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
         try:
             with llm_lock if model is not None else contextlib.nullcontext():
                 return ask(request.question, mode=request.mode, source=source, llm=model,
-                           max_new_tokens=max_new_tokens)
+                           max_new_tokens=max_new_tokens, guard=guard)
         except GroundingError as e:
             raise ApiError(502, "upstream_error", f"{type(e).__name__}: {e}") from None
+        except GuardError as e:  # the guard could not score this question (e.g. longer than its context)
+            raise ApiError(422, "guard_error", str(e)) from None
 
     app.state.search = search
     app.state.source = source
@@ -460,9 +466,9 @@ def _source_gone(page_id: int, error: Exception) -> ApiError:
 
 
 def serve(index_dir: str | Path | None = None, store=None, embedder=None, llm=None, *, host: str = "127.0.0.1",
-          port: int = 8000, log_level: str = "info") -> None:
+          port: int = 8000, log_level: str = "info", guard=None) -> None:
     """Run the web app with uvicorn (bound to 127.0.0.1 unless ``host`` says otherwise)."""
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: the app has no authentication; anyone who can reach it can use it", host)
-    app = create_app(index_dir, store=store, embedder=embedder, llm=llm)
+    app = create_app(index_dir, store=store, embedder=embedder, llm=llm, guard=guard)
     run_server(app, host, port, protocol=http_protocol(), log_level=log_level)

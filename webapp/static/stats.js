@@ -20,8 +20,29 @@ function renderTable(numbered) {
   return table;
 }
 
+// A refusal by the safety guard: which check refused (the question, or the answer it would have shown) and
+// why: every policy's probability of a violation against the threshold, the flagged ones marked.
+function renderGuard(report) {
+  const box = document.getElementById("guard");
+  box.hidden = !(report && report.refused);
+  if (box.hidden) return;
+  const result = report.refused === "answer" ? report.answer : report.question;
+  document.getElementById("guard-summary").textContent =
+    `The safety guard (${result.model}) refused the ${report.refused}: a policy scored at or above the threshold ${result.threshold}.`;
+  const rows = Object.entries(result.scores).map(([policy, p]) => {
+    const flagged = result.flagged_policies.includes(policy);
+    return el("tr", {"data-testid": "guard-score", class: flagged ? "flagged" : ""},
+      el("td", {text: policy}), el("td", {text: p.toFixed(3)}), el("td", {text: flagged ? "flagged" : "passed"}));
+  });
+  document.getElementById("guard-scores").replaceChildren(
+    el("caption", {text: `P(violation) per policy, ${report.refused === "answer" ? "answer" : "question"} check`}),
+    el("thead", {}, el("tr", {}, el("th", {text: "policy"}), el("th", {text: "P(violation)"}), el("th", {text: "verdict"}))),
+    el("tbody", {}, ...rows));
+}
+
 function renderAnswer(answer) {
   document.getElementById("answer-text").textContent = answer.text;
+  renderGuard(answer.guard);
   document.getElementById("footnotes").replaceChildren(...answer.footnotes.map((f) => el("li", {text: f})));
   const notes = [];
   if (answer.fallback) notes.push("The tables could not answer; this answer is the model's own, not grounded.");
@@ -50,5 +71,6 @@ form.addEventListener("submit", async (event) => {
 
 fetch("/api/status").then((r) => r.json()).then((status) => {
   document.getElementById("status").textContent =
-    `Statistics from the ${status.statistics_source} source` + (status.llm ? `, answers by ${status.llm}` : ", stated plainly (no model)");
+    `Statistics from the ${status.statistics_source} source` + (status.llm ? `, answers by ${status.llm}` : ", stated plainly (no model)")
+    + (status.guard ? `; screened by the safety guard ${status.guard}` : "");
 }).catch(() => {});
