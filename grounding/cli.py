@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the structured answer as JSON")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="rag: also write the answer's tables as a chart to this PNG file (a series as a line, a "
+                        "comparison or ranking as bars; needs matplotlib: pip install 'gemma-grounding[plot]')")
     p.set_defaults(func=_cmd_ask)
 
     s = sub.add_parser("serve-stats", help="serve the statistics store over HTTP (Data Commons NL/REST shapes)")
@@ -47,7 +50,18 @@ def _cmd_ask(args) -> int:
 
     if args.base_url and args.source == "local":
         raise ValueError("--base-url is for --source nl or rest")
+    if args.plot is not None:
+        from pathlib import Path
+
+        from .chart import require_matplotlib
+
+        if args.mode != "rag":
+            raise ValueError("--plot draws the answer's tables, which only --mode rag retrieves")
+        if not Path(args.plot).resolve().parent.is_dir():
+            raise FileNotFoundError(f"--plot {args.plot}: no such directory to write the chart into")
     try:
+        if args.plot is not None:
+            require_matplotlib()  # before any model runs
         llm = load_llm(args.model, tokenizer=args.tokenizer, device=args.device) if args.model else None
         source = open_source(args.source, base_url=args.base_url) if args.base_url else args.source
         answer = ask(args.question, mode=args.mode, source=source, llm=llm, interleaved=args.interleaved,
@@ -56,6 +70,18 @@ def _cmd_ask(args) -> int:
         print(f"gemma-ground ask: error: {e}", file=sys.stderr)
         return 2
     print(answer.model_dump_json(indent=2) if args.json else answer.render())
+    if args.plot is not None:
+        from .chart import save_chart_png
+
+        if answer.charts:
+            try:
+                save_chart_png(answer.charts, args.plot)
+            except GroundingError as e:
+                print(f"gemma-ground ask: error: {e}", file=sys.stderr)
+                return 2
+            print(f"chart of {len(answer.charts)} table(s) written to {args.plot}", file=sys.stderr)
+        else:
+            print("gemma-ground ask: no chart written: the answer has no table with values to draw", file=sys.stderr)
     if answer.failed:  # printed above with the reasons; the exit status tells scripts
         first = next(iter(answer.errors.values()))
         print(f"gemma-ground ask: error: every statistics lookup failed ({len(answer.errors)}), e.g.: {first}",
