@@ -89,8 +89,11 @@ function renderChart(chart, container) {
 function abstention(answer) {
   if (!answer.no_answer) return "";
   if (answer.model && answer.mode === "rig") return "No number in this answer could be checked against the statistics.";
-  const problem = answer.resolution && answer.resolution.problem;
-  return `No answer from the statistics: ${problem || "the source has no data for this question"}.`;
+  const resolution = answer.resolution || {};
+  const reason = resolution.problem
+    || (resolution.missing_date && `no value for ${resolution.missing_date} (the nearest years are below, not substituted)`)
+    || "the source has no data for this question";
+  return `No answer from the statistics: ${reason}.`;
 }
 
 function renderAnswer(answer) {
