@@ -15,6 +15,7 @@ hatched bars, and a note under the chart. Under every chart: the source and its 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,19 +100,23 @@ def _kind(table: TableResult) -> str | None:
 
 
 def _number(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A finite number, else None (text, booleans, NaN and infinities are not drawn)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def chart_for(table: TableResult, number: int | None = None) -> Chart | None:
     """The chart of one table (None: a table of another shape, or without a numeric value)."""
     kind = _kind(table)
-    if kind is None or not table.rows or not table.columns:
-        return None
     columns = [str(c).lower() for c in table.columns]
+    if kind is None or not columns or (kind != "series" and "place" not in columns):
+        return None
+    rows = [row for row in table.rows if len(row) == len(columns)]  # a ragged row (from a server) is not drawn
     variable = str(table.columns[-1])
     points: list[ChartPoint] = []
     if kind == "series":
-        for date_cell, value in ((row[0], _number(row[-1])) for row in table.rows):
+        for date_cell, value in ((row[0], _number(row[-1])) for row in rows):
             if value is None or date_cell is None:
                 continue
             date, projection = split_projection_label(str(date_cell))
@@ -120,16 +125,18 @@ def chart_for(table: TableResult, number: int | None = None) -> Chart | None:
             points = [p.model_copy(update={"x": None}) for p in points]
         x_label = "Year" if points and points[0].x is not None else "Date"
     else:
-        place_at, date_at = columns.index("place"), columns.index("date")
-        for row in table.rows:
+        place_at = columns.index("place")
+        date_at = columns.index("date") if "date" in columns else None
+        for row in rows:
             value = _number(row[-1])
             if value is None:
                 continue
-            date, projection = split_projection_label(str(row[date_at])) if row[date_at] is not None else ("", False)
+            cell = row[date_at] if date_at is not None else None
+            date, projection = split_projection_label(str(cell)) if cell not in (None, "") else ("", False)
             points.append(ChartPoint(label=str(row[place_at]), value=value, date=date or None, projection=projection))
         dates = {p.date for p in points}
         if len(dates) > 1:  # values of different years: each bar says its own
-            points = [p.model_copy(update={"label": f"{p.label} ({p.date})"}) for p in points]
+            points = [p.model_copy(update={"label": f"{p.label} ({p.date})"}) if p.date else p for p in points]
         if kind == "ranking":
             points = [p.model_copy(update={"label": f"{rank}. {p.label}"}) for rank, p in enumerate(points, 1)]
         x_label = f"Place, {next(iter(dates))}" if len(dates) == 1 and None not in dates else "Place"

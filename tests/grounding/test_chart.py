@@ -115,6 +115,11 @@ def test_tables_without_a_chart_shape_or_numbers():
     dated = chart_for(table(["place", "date", "x"], [["A", "2000", 1.0], ["B", "2001 (projection)", 2.0]]))
     assert [p.label for p in dated.points] == ["A (2000)", "B (2001)"] and dated.x_label == "Place"
     assert [p.projection for p in dated.points] == [False, True] and "hatched" in dated.footer[-1]
+    # Odd tables from a server: ragged rows, no place column, values that are not finite numbers.
+    odd = chart_for(table(["place", "date", "x"], [["A", "2000"], ["B", None, 2.0], ["C", "2000", float("nan")],
+                                                   ["E", "2000", 3.0, 4.0]], kind="comparison"))
+    assert [(p.label, p.value) for p in odd.points] == [("B", 2.0)]
+    assert chart_for(table(["country", "x"], [["A", 1.0]], kind="ranking")) is None
 
 
 # -- the PNG ---------------------------------------------------------------------------------------------
