@@ -11,10 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from .chart import Chart, charts_for
 from .guard import Guard, GuardReport, refusal_text, screen
 from .rag import RAG, NumberedTable, number_tables
 from .rig import RIG, Claim, _value_with_unit, footnote_text
-from .types import LLM, PointResult, StatSource
+from .types import LLM, PointResult, StatSource, projection_label
 
 __all__ = ["Answer", "ask", "state_plainly"]
 
@@ -41,7 +42,11 @@ class Answer(BaseModel):
     # ..."), the nearest years when the asked one has no value, and the sources' attribution lines.
     resolution: dict[str, Any] | None = None
     nearest: list[PointResult] = Field(default_factory=list)
-    attribution: list[str] = Field(default_factory=list)
+    attribution: list[str] = Field(default_factory=list)  # of every source a number of the answer comes from
+    # Each statistical query looked up -> how the source resolved it (sources that explain themselves: the
+    # local store), with a model too; and the charts of the tables used (the web app and --plot draw them).
+    explanations: dict[str, str] = Field(default_factory=dict)
+    charts: list[Chart] = Field(default_factory=list)
 
     @property
     def failed(self) -> bool:
@@ -55,12 +60,17 @@ class Answer(BaseModel):
     def refused(self) -> bool:
         return self.guard is not None and self.guard.refused is not None
 
+    @property
+    def used_tables(self) -> list[NumberedTable]:
+        """The tables the answer cites (all of them when it cites none)."""
+        return [t for t in self.tables if not self.citations or t.number in self.citations]
+
     def render(self) -> str:
         """Human-readable: the answer, footnotes, the tables used, warnings."""
         parts = [self.text.strip()]
         if self.footnotes:
             parts.append("\n".join(self.footnotes))
-        used = [t for t in self.tables if not self.citations or t.number in self.citations]
+        used = self.used_tables
         if used:
             parts.append("\n\n".join(t.text for t in used))
         notes = []
@@ -91,7 +101,7 @@ def state_plainly(point: PointResult, citation: str = "") -> str:
     verb = "is projected to be" if point.projection else "was"
     text = f"{_subject(point)} {verb} {_value_with_unit(point.value, point.unit)}"
     if point.date:
-        text += f" in {point.date}" + (" (projection)" if point.projection else "")
+        text += f" in {projection_label(point.date, point.projection)}"
     if point.source is not None:
         text += f", according to {point.source.name}"
     return text + (f" {citation}" if citation else "") + "."
@@ -142,7 +152,7 @@ def _nearest_sentence(explanation: dict[str, Any], nearest: list[PointResult]) -
         by_place.setdefault(point.place_name or "", []).append(point)
     parts = []
     for place, points in by_place.items():
-        shown = ", ".join(f"{p.date}{' (projection)' if p.projection else ''}: {_value_with_unit(p.value, p.unit)}"
+        shown = ", ".join(f"{projection_label(p.date, p.projection)}: {_value_with_unit(p.value, p.unit)}"
                           for p in points)
         parts.append(f"{points[0].variable_name} in {place}: {shown or 'no other year'}")
     source = nearest[0].source.name if nearest and nearest[0].source else None
@@ -187,7 +197,7 @@ def _answer_without_model(question: str, mode: Literal["rag", "rig"], source: St
             answer.claims = [Claim(id=1, query=question, dc_value=point.result.value, unit=point.result.unit,
                                    date=point.result.date, source=point.result.source, footnote=1,
                                    url=point.result.url or (point.result.source.url if point.result.source else None),
-                                   start=0, end=0)]
+                                   attribution=point.result.attribution, start=0, end=0)]
         else:
             sentences.append(state_plainly(point.result, "[Table 1]" if answer.tables else ""))
     for t in answer.tables:
@@ -198,7 +208,9 @@ def _answer_without_model(question: str, mode: Literal["rag", "rig"], source: St
             answer.nearest = [PointResult(**p) for p in explanation["nearest"]]
             sentences.append(_nearest_sentence(explanation, answer.nearest))
     found = [point.result, table.result if mode == "rag" else None, *answer.nearest]
-    answer.attribution = list(dict.fromkeys(r.attribution for r in found if r is not None and r.attribution))
+    answer.attribution = _attribution_lines(r.attribution for r in found if r is not None)
+    answer.explanations = {question: explanation["text"]} if explanation is not None else {}
+    answer.charts = charts_for(answer.used_tables)
     answer.no_answer = not answer.statistics and not answer.tables and not (explanation or {}).get("change")
     if not sentences:
         sentences.append(f"No statistics found for this question in the {source.name!r} statistics source.")
@@ -250,11 +262,31 @@ def _answer(question: str, mode: Literal["rag", "rig"], source: str | StatSource
         rig = RIG(stat_source, llm, max_new_tokens=max_new_tokens, max_workers=max_workers)
         result = rig.run(question, interleaved=interleaved)
         errors = {c.query: c.error for c in result.claims if c.error}
+        grounded = [c for c in result.claims if c.dc_value is not None]
         return Answer(question=question, mode=mode, text=result.text, source=stat_source.name, model=model_name,
-                      claims=result.claims, footnotes=result.footnotes, errors=errors,
-                      no_answer=not any(c.dc_value is not None for c in result.claims))
+                      claims=result.claims, footnotes=result.footnotes, errors=errors, no_answer=not grounded,
+                      attribution=_attribution_lines(c.attribution for c in grounded),
+                      explanations=_explanations(stat_source, [c.query for c in result.claims]))
     result = RAG(stat_source, llm, answer_llm, max_new_tokens=max_new_tokens, max_workers=max_workers).run(question)
-    return Answer(question=question, mode=mode, text=result.answer, source=stat_source.name, model=model_name,
-                  tables=result.tables, questions=result.questions, citations=result.citations,
-                  invalid_citations=result.invalid_citations, no_answer=result.no_answer,
-                  fallback=result.fallback, errors=result.lookup_errors)
+    answer = Answer(question=question, mode=mode, text=result.answer, source=stat_source.name, model=model_name,
+                    tables=result.tables, questions=result.questions, citations=result.citations,
+                    invalid_citations=result.invalid_citations, no_answer=result.no_answer,
+                    fallback=result.fallback, errors=result.lookup_errors,
+                    explanations=_explanations(stat_source, result.questions))
+    if not result.fallback:  # a fallback answer is the model's own: no table, no source to attribute or chart
+        answer.attribution = _attribution_lines(t.table.attribution for t in answer.used_tables)
+        answer.charts = charts_for(answer.used_tables)
+    return answer
+
+
+def _attribution_lines(lines) -> list[str]:
+    """The distinct attribution lines, in order of first use."""
+    return list(dict.fromkeys(line for line in lines if line))
+
+
+def _explanations(source: StatSource, queries: list[str]) -> dict[str, str]:
+    """How the source resolved each query, for sources that explain themselves (the local store)."""
+    explain = getattr(source, "explain", None)
+    if explain is None:
+        return {}
+    return {query: explain(query).text for query in dict.fromkeys(queries)}

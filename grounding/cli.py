@@ -37,6 +37,9 @@ def register(sub) -> None:
                    help="the guard flags when P(violation) >= this for any policy (default 0.5)")
     p.add_argument("--guard-policy", action="append", default=None, metavar="NAME",
                    help="guard policy: dangerous, harassment, hate, sexual (repeatable; default: all four)")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="rag: also write the answer's tables as a chart to this PNG file (a series as a line, a "
+                        "comparison or ranking as bars; needs matplotlib: pip install 'gemma-grounding[plot]')")
     p.set_defaults(func=_cmd_ask)
 
     s = sub.add_parser("serve-stats", help="serve the statistics store over HTTP (Data Commons NL/REST shapes)")
@@ -54,7 +57,18 @@ def _cmd_ask(args) -> int:
 
     if args.base_url and args.source == "local":
         raise ValueError("--base-url is for --source nl or rest")
+    if args.plot is not None:
+        from pathlib import Path
+
+        from .chart import require_matplotlib
+
+        if args.mode != "rag":
+            raise ValueError("--plot draws the answer's tables, which only --mode rag retrieves")
+        if not Path(args.plot).resolve().parent.is_dir():
+            raise FileNotFoundError(f"--plot {args.plot}: no such directory to write the chart into")
     try:
+        if args.plot is not None:
+            require_matplotlib()  # before any model loads
         guard = None
         if args.guard:
             from models.guard import load_guard
@@ -69,6 +83,18 @@ def _cmd_ask(args) -> int:
         print(f"gemma-ground ask: error: {e}", file=sys.stderr)
         return 2
     print(answer.model_dump_json(indent=2) if args.json else answer.render())
+    if args.plot is not None:
+        from .chart import save_chart_png
+
+        if answer.charts:
+            try:
+                save_chart_png(answer.charts, args.plot)
+            except GroundingError as e:
+                print(f"gemma-ground ask: error: {e}", file=sys.stderr)
+                return 2
+            print(f"chart of {len(answer.charts)} table(s) written to {args.plot}", file=sys.stderr)
+        else:
+            print("gemma-ground ask: no chart written: the answer has no table with values to draw", file=sys.stderr)
     if answer.failed:  # printed above with the reasons; the exit status tells scripts
         first = next(iter(answer.errors.values()))
         print(f"gemma-ground ask: error: every statistics lookup failed ({len(answer.errors)}), e.g.: {first}",

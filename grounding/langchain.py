@@ -357,7 +357,7 @@ class StatisticsRetriever(BaseRetriever):
     Without ``question_llm`` the question itself is looked up; with one (a grounding LLM or a LangChain
     chat model) it first writes DataGemma's statistical questions, each fetched as a table. ``k`` bounds
     the number of tables. Metadata: ``number`` (for ``[Table N]`` citations), ``title``, ``query``,
-    ``source``, ``url``, ``unit``.
+    ``source``, ``url``, ``unit``, ``attribution`` (the line the source asks to be shown with its numbers).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -378,7 +378,8 @@ class StatisticsRetriever(BaseRetriever):
             Document(page_content=t.text, metadata={
                 "number": t.number, "title": t.table.title, "query": t.table.query, "unit": t.table.unit,
                 "source": t.table.source.name if t.table.source else None,
-                "url": t.table.url or (t.table.source.url if t.table.source else None)})
+                "url": t.table.url or (t.table.source.url if t.table.source else None),
+                "attribution": t.table.attribution})
             for t in tables[:k]
         ]
 

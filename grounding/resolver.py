@@ -28,7 +28,7 @@ from .resolution import (
 )
 from .store import Observation, Place, StatStore, Variable, open_default_store
 from .text import normalize, stem
-from .types import PointResult, SourceRef, TableResult
+from .types import PointResult, SourceRef, TableResult, projection_label
 from .variable_match import VariableMatcher
 
 __all__ = ["Resolver", "Resolution", "PlaceMatch", "VariableMatch", "LocalSource", "Explanation", "Change",
@@ -69,7 +69,7 @@ def _in_range(date: str, date_range: tuple[str, str] | None) -> bool:
 
 
 def _shown_date(observation: Observation) -> str:
-    return f"{observation.date} (projection)" if observation.projection else observation.date
+    return projection_label(observation.date, observation.projection)
 
 
 class LocalSource:
@@ -207,8 +207,10 @@ class LocalSource:
                 rows=[[m.name, _shown_date(o), o.value] for m, o in rows], places=[m.dcid for m, _ in rows])
         place = resolution.places[0]
         future = resolution.date_range is not None and resolution.date_range[1] != "9999"
-        series = [o for o in self.store.series(place.dcid, variable.dcid, projections=future)
-                  if _in_range(o.date, resolution.date_range)]
+        # A question about a projected year ("median age in Nigeria in 2050") gets the series up to it.
+        asked = resolution.date
+        series = [o for o in self.store.series(place.dcid, variable.dcid, projections=future or asked is not None)
+                  if _in_range(o.date, resolution.date_range) and (future or not o.projection or o.date <= asked)]
         if not series:
             return None
         return TableResult(

@@ -307,6 +307,7 @@ class Claim(BaseModel):
     date: str | None = None
     source: SourceRef | None = None
     url: str | None = None
+    attribution: str | None = None  # the line the source asks to be shown with its numbers
     footnote: int | None = None  # number of the footnote citing the source
     differs: bool | None = None  # more than 5% apart; None when either value is missing
     relative_difference: float | None = None
@@ -386,6 +387,7 @@ def substitute(text: str, annotations: Sequence[Annotation], results: dict[str, 
                 footnotes.append(footnote_text(footnote_of[ann.query], result))
             claim.dc_value, claim.unit, claim.date = result.value, result.unit, result.date
             claim.source, claim.url = result.source, result.url or (result.source.url if result.source else None)
+            claim.attribution = result.attribution
             claim.footnote = footnote_of[ann.query]
             if claim.model_number is not None:
                 claim.relative_difference = relative_difference(result.value, claim.model_number)

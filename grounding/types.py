@@ -20,8 +20,24 @@ from pydantic import BaseModel, Field
 __all__ = [
     "SourceRef", "PointResult", "TableResult", "Lookup", "StatSource", "LLM",
     "GroundingError", "DataSourceError", "TransientError", "RateLimitedError", "SchemaDriftError",
-    "AuthError", "NoDataError",
+    "AuthError", "NoDataError", "PROJECTION_MARK", "projection_label", "split_projection_label",
 ]
+
+# How a projected value's date is shown in tables ("2050 (projection)"): readers see it, and charts
+# read it back to mark projections, also from tables that came over HTTP.
+PROJECTION_MARK = " (projection)"
+
+
+def projection_label(date: str, projection: bool) -> str:
+    """``"2050 (projection)"`` for a projection, the date itself otherwise."""
+    return date + PROJECTION_MARK if projection else date
+
+
+def split_projection_label(label: str) -> tuple[str, bool]:
+    """(date, is a projection) from a table's date cell: the inverse of :func:`projection_label`."""
+    if label.endswith(PROJECTION_MARK):
+        return label[: -len(PROJECTION_MARK)], True
+    return label, False
 
 
 class SourceRef(BaseModel):

@@ -193,6 +193,24 @@ def test_ask_statistics_rag_and_rig(client):
     assert rag["citations"] == [1] and "[Table 1]" in rag["text"]
     years = {row[0]: row[-1] for row in table["table"]["rows"]}
     assert years["2007"] == gapminder("Japan", 2007, "lifeExp") and years["1952"] == gapminder("Japan", 1952, "lifeExp")
+    # What the page draws and shows under the answer: the chart of the table, the resolution, the attribution.
+    (chart,) = rag["charts"]
+    assert chart["kind"] == "line" and chart["y_label"] == "Life expectancy (years)" and chart["table"] == 1
+    assert {str(int(p["x"])): p["value"] for p in chart["points"]} == years
+    assert rag["explanations"]["How has life expectancy changed in Japan?"].startswith("resolved to: Life expectancy")
+    assert rag["attribution"] == [table["table"]["attribution"]] and chart["attribution"] == rag["attribution"][0]
+
+
+def test_the_charting_library_is_served_by_the_app(client):
+    """Chart.js comes from the app's own static files (no CDN), with its licence, under the same CSP."""
+    page = client.get("/stats").text
+    assert '<script src="/static/vendor/chart.umd.min.js" defer></script>' in page and "https://" not in page
+    script = client.get("/static/vendor/chart.umd.min.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert script.text.startswith("/*!\n * Chart.js v4.6.1") and "sourceMappingURL" not in script.text
+    assert script.headers["content-security-policy"].startswith("default-src 'none'; script-src 'self'")
+    licence = client.get("/static/vendor/chart.js-LICENSE.md")
+    assert licence.status_code == 200 and "MIT License" in licence.text
 
 
 def test_app_settings_errors_and_cli(tmp_path):

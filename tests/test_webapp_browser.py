@@ -74,7 +74,9 @@ def page(server_url):
         tab.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))  # an alert() would mean injected script
         errors: list[str] = []
         tab.on("pageerror", lambda e: errors.append(str(e)))
-        tab.dialogs, tab.script_errors = dialogs, errors
+        blocked: list[str] = []  # what the Content-Security-Policy refused (an inline style, a CDN script ...)
+        tab.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
+        tab.dialogs, tab.script_errors, tab.csp_violations = dialogs, errors, blocked
         yield tab
         browser.close()
 
@@ -90,8 +92,15 @@ def test_model_text_is_shown_as_text(page, model_server_url):
     page.get_by_test_id("table").wait_for()
     assert page.get_by_test_id("answer-text").inner_text() == MODEL_MARKUP
     assert page.locator("#answer img").count() == 0
+    # The model wrote the text; the table it cites still comes with its chart, how its lookup resolved and
+    # the source's attribution line.
+    assert page.get_by_test_id("resolution").inner_text().startswith(
+        "“What is life expectancy in Japan?”: resolved to: Life expectancy (1.00) for Japan")
+    assert page.get_by_test_id("attribution").inner_text().startswith("Data: Gapminder")
+    (chart,) = _charts(page)
+    assert chart["values"] == [gapminder("Japan", year, "lifeExp") for year in range(1952, 2008, 5)]
     page.screenshot(path=str(ARTIFACTS / "stats-model-markup.png"), full_page=True)
-    assert page.dialogs == [] and page.script_errors == []
+    assert page.dialogs == [] and page.script_errors == [] and page.csp_violations == []
 
 
 def test_search_results_thumbnails_and_similarity_overlay(page, server_url):
@@ -195,3 +204,110 @@ def test_statistics_page_shows_a_refusal_and_why(page, guarded_server_url):
     assert page.get_by_test_id("table").count() == 0 and page.get_by_test_id("footnotes").inner_text() == ""
     page.screenshot(path=str(ARTIFACTS / "stats-guard-refusal.png"), full_page=True)
     assert page.dialogs == [] and page.script_errors == []
+
+# What Chart.js drew on each chart of the page: its data and axis titles (its public API), and the canvas
+# pixels at each point or in the middle of each bar (the colour there, as drawn).
+CHARTS_DRAWN = """() => [...document.querySelectorAll('[data-testid=chart-canvas]')].map((canvas) => {
+  const chart = Chart.getChart(canvas), meta = chart.getDatasetMeta(0), ratio = window.devicePixelRatio;
+  const image = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+  const pixel = (x, y) => { const i = 4 * (Math.round(y * ratio) * canvas.width + Math.round(x * ratio));
+                            return Array.from(image.slice(i, i + 3)); };
+  const across = chart.options.indexAxis === 'y';
+  const centre = (e) => chart.config.type === 'line' ? [e.x, e.y] : across ? [(e.x + e.base) / 2, e.y] : [e.x, (e.y + e.base) / 2];
+  let painted = 0;
+  for (let i = 3; i < image.length; i += 4) if (image[i] > 0) painted++;
+  return {type: chart.config.type, across, labels: chart.data.labels || null,
+          values: chart.data.datasets[0].data.map((d) => (typeof d === 'number' ? d : d.y)),
+          xs: chart.data.datasets[0].data.map((d) => (typeof d === 'number' ? null : d.x)),
+          valueTitle: chart.options.scales[across ? 'x' : 'y'].title.text,
+          categoryTitle: chart.options.scales[across ? 'y' : 'x'].title.text,
+          colours: meta.data.map((e) => pixel(...centre(e))), painted: painted / (canvas.width * canvas.height)};
+})"""
+ACCENT = [0x1A, 0x5F, 0xB4]  # the app's accent colour, observed values (static/stats.js)
+
+
+def _charts(page) -> list[dict]:
+    return page.evaluate(CHARTS_DRAWN)
+
+
+def _close(colour: list[int], expected: list[int], tolerance: int = 30) -> bool:
+    return sum(abs(a - b) for a, b in zip(colour, expected, strict=True)) <= tolerance
+
+
+def _ask(page, question: str, mode: str = "rag"):
+    page.get_by_test_id("question").fill(question)
+    page.get_by_test_id("mode").select_option(mode)
+    with page.expect_response("**/api/ask"):
+        page.get_by_test_id("ask").click()
+    page.get_by_test_id("answer").wait_for()
+
+
+# The store's names of places that the gapminder CSV names otherwise.
+GAPMINDER_NAMES = {"Czechia": "Czech Republic", "Slovakia": "Slovak Republic", "Eswatini": "Swaziland",
+                   "Democratic Republic of the Congo": "Congo, Dem. Rep."}
+
+
+def test_statistics_charts(page, server_url):
+    """A series as a line (projections hollow), a ranking as bars across, a comparison as bars; units on the
+    axes, source and attribution under each chart; values against the gapminder CSV."""
+    page.goto(server_url + "/stats")
+    _ask(page, "How has life expectancy changed in Japan?")
+    (line,) = _charts(page)
+    years = list(range(1952, 2008, 5))
+    assert (line["type"], line["xs"]) == ("line", years)
+    assert line["values"] == [gapminder("Japan", year, "lifeExp") for year in years]
+    assert (line["valueTitle"], line["categoryTitle"]) == ("Life expectancy (years)", "Year")
+    assert all(_close(c, ACCENT) for c in line["colours"]) and line["painted"] > 0.02  # drawn, filled points
+    footer = page.get_by_test_id("chart-footer").locator("p").all_inner_texts()
+    assert footer == ["Source: Gapminder, https://www.gapminder.org/data/",
+                                   page.get_by_test_id("attribution").inner_text()]
+    page.get_by_test_id("chart").screenshot(path=str(ARTIFACTS / "stats-chart-line.png"))
+
+    _ask(page, "median age in Nigeria between 2000 and 2050")  # Systema Globalis, UN projections from 2026
+    (projected,) = _charts(page)
+    assert projected["xs"] == list(range(2000, 2051)) and projected["values"][-1] == 23.885  # the UN's, by hand
+    hollow = [_close(c, [255, 255, 255]) for c in projected["colours"]]
+    assert hollow == [year >= 2026 for year in projected["xs"]]
+    assert "Dashed line and hollow points: projections" in page.get_by_test_id("chart-footer").inner_text()
+    assert "CC BY 4.0" in page.get_by_test_id("chart-footer").inner_text()
+    page.get_by_test_id("chart").screenshot(path=str(ARTIFACTS / "stats-chart-projection.png"))
+
+    _ask(page, "Which landlocked countries have the highest life expectancy?")
+    (ranking,) = _charts(page)  # the previous chart is gone
+    names = [label.split(". ", 1)[1] for label in ranking["labels"]]
+    assert ranking["type"] == "bar" and ranking["across"] and names[0] == "Switzerland" and len(names) > 20
+    assert ranking["values"] == [gapminder(GAPMINDER_NAMES.get(n, n), 2007, "lifeExp") for n in names]
+    assert ranking["values"] == sorted(ranking["values"], reverse=True)
+    assert (ranking["valueTitle"], ranking["categoryTitle"]) == ("Life expectancy (years)", "Place, 2007")
+    assert all(_close(c, ACCENT) for c in ranking["colours"])
+    page.get_by_test_id("chart").screenshot(path=str(ARTIFACTS / "stats-chart-ranking.png"))
+
+    _ask(page, "Compare life expectancy in France and Germany in 2007")
+    (comparison,) = _charts(page)
+    assert (comparison["type"], comparison["across"], comparison["labels"]) == ("bar", False, ["France", "Germany"])
+    assert comparison["values"] == [gapminder("France", 2007, "lifeExp"), gapminder("Germany", 2007, "lifeExp")]
+    assert all(_close(c, ACCENT) for c in comparison["colours"])
+    page.screenshot(path=str(ARTIFACTS / "stats-chart-comparison.png"), full_page=True)
+    assert page.dialogs == [] and page.script_errors == [] and page.csp_violations == []
+
+
+def test_statistics_resolution_attribution_and_abstention(page, server_url):
+    page.goto(server_url + "/stats")
+    _ask(page, "What was the life expectancy in Kenya in 2007?", mode="rig")
+    assert page.get_by_test_id("resolution").inner_text().startswith(
+        "resolved to: Life expectancy (1.00) for Kenya, 2007; also considered: ")
+    assert page.get_by_test_id("attribution").inner_text().startswith("Data: Gapminder")
+    assert not page.get_by_test_id("abstention").is_visible() and _charts(page) == []  # RIG: no table, no chart
+
+    _ask(page, "What is the GDP of Mars?")
+    abstention = page.get_by_test_id("abstention")
+    assert abstention.is_visible()
+    assert abstention.inner_text() == "No answer from the statistics: no known place named in the question."
+    assert "no answer: no known place" in page.get_by_test_id("resolution").inner_text()
+    assert not page.get_by_test_id("attribution").is_visible() and _charts(page) == []
+    page.screenshot(path=str(ARTIFACTS / "stats-abstention.png"), full_page=True)
+
+    _ask(page, "Compare life expectancy in France and Germany in 2050")  # the excerpt ends in 2007: nearest years
+    assert abstention.inner_text().startswith("No answer from the statistics: no value for 2050")
+    assert f"2007: {gapminder('France', 2007, 'lifeExp'):.3f} years" in page.get_by_test_id("answer-text").inner_text()
+    assert page.dialogs == [] and page.script_errors == [] and page.csp_violations == []

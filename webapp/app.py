@@ -5,8 +5,10 @@
 
 Pages (plain HTML + vanilla JS from ``static/``, no build step): ``/`` search (query box, results with page
 thumbnails and scores, a toggle overlaying the similarity map on each page) and ``/stats`` (question box,
-answer with footnotes / table citations and the tables used). Both call the JSON API, documented by
-OpenAPI at ``/api/openapi.json`` (no Swagger page: it would load its script from a CDN).
+answer with footnotes / table citations, how the question was resolved, a clear abstention, the tables
+used drawn as charts by the vendored Chart.js in ``static/vendor/``, and the sources' attribution lines).
+Both call the JSON API, documented by OpenAPI at ``/api/openapi.json`` (no Swagger page: it would load its
+script from a CDN).
 
 This is the one module that composes vision_rag and grounding, each through its public API; vision_rag
 is imported only when an index is configured, so the statistics page works without it.

@@ -77,7 +77,7 @@ class Scripted:
         yield self.generate(prompt, **kw)
 
 
-def test_ask_with_a_model_rag_and_rig_on_the_embedded_store():
+def test_ask_with_a_model_rag_and_rig_on_the_embedded_store(default_store):
     llm = Scripted("What is life expectancy in Kenya?\nWhat is the population in Kenya?\n",
                    "Life expectancy rose to 54.11 years by 2007 [Table 1] while the population grew [Table 2], "
                    "see also [Table 5].")
@@ -85,12 +85,27 @@ def test_ask_with_a_model_rag_and_rig_on_the_embedded_store():
     assert [t.table.title for t in rag.tables] == ["Life expectancy in Kenya", "Population in Kenya"]
     assert (rag.citations, rag.invalid_citations) == ([1, 2], [5])
     assert "Table 2: Population in Kenya" in llm.prompts[1] and "warning" in rag.render()
-    rig_llm = Scripted('Kenyans lived [__DC__("life expectancy in Kenya in 2007") --> "58 years"] on average.')
+    # The model wrote the text; the numbers it cites still come with their source's attribution line,
+    # how each lookup resolved, and the charts of the tables it cites.
+    (excerpt,) = rag.attribution
+    assert excerpt == default_store.source("Gapminder").attribution and excerpt in rag.render()
+    assert list(rag.explanations) == ["What is life expectancy in Kenya?", "What is the population in Kenya?"]
+    assert rag.explanations["What is life expectancy in Kenya?"].startswith("resolved to: Life expectancy (1.00)")
+    assert [c.title for c in rag.charts] == ["Table 1: Life expectancy in Kenya", "Table 2: Population in Kenya"]
+    rig_llm = Scripted('Kenyans lived [__DC__("life expectancy in Kenya in 2007") --> "58 years"] on average, and '
+                       '[__DC__("median age in Nigeria in 2050") --> "24 years"] is the median age of Nigerians in '
+                       '2050 [__DC__("rainfall on Mars") --> "0 mm"].')
     rig = ask(KENYA_2007, mode="rig", llm=rig_llm)
-    (claim,) = rig.claims
-    assert claim.dc_value == gapminder("Kenya", 2007, "lifeExp") and claim.differs  # 58 is 7% off
-    assert rig.text == "Kenyans lived [__DC__#1(54.11 years [1]* || 58 years)] on average."
+    kenya, nigeria, mars = rig.claims
+    assert kenya.dc_value == gapminder("Kenya", 2007, "lifeExp") and kenya.differs  # 58 is 7% off
+    assert nigeria.dc_value == 23.885 and mars.dc_value is None  # (ddf--datapoints--median_age_years, nga 2050)
+    assert rig.text.startswith("Kenyans lived [__DC__#1(54.11 years [1]* || 58 years)] on average")
     assert rig_llm.prompts == [KENYA_2007]
+    assert rig.attribution == [excerpt, default_store.attribution] and rig.attribution[1] in rig.render()
+    assert [kenya.attribution, nigeria.attribution, mars.attribution] == [*rig.attribution, None]
+    assert "no answer" in rig.explanations["rainfall on Mars"] and len(rig.explanations) == 3
+    fallback = ask("What is life on Mars like?", mode="rag", llm=Scripted("What is the rainfall on Mars?\n", "Dry."))
+    assert fallback.fallback and fallback.attribution == [] and fallback.charts == []  # the model's own words
 
 
 def test_ask_through_a_data_commons_client_on_the_local_server():

@@ -284,6 +284,7 @@ def test_rag_chain_retriever_prompt_model(loaded):
     question = "How has life expectancy changed in Japan?"
     docs = retriever.invoke(question)
     assert [d.metadata["number"] for d in docs] == [1] and docs[0].metadata["source"] == "Gapminder"
+    assert docs[0].metadata["attribution"].startswith("Data: Gapminder")  # to show with the model's answer
     assert f"{gapminder('Japan', 2007, 'lifeExp'):g}" in docs[0].page_content
     answer = chain.invoke(question)
     # The chain's answer is the model's answer to the prompt built from the retrieved table.
@@ -298,6 +299,7 @@ def test_rag_chain_retriever_prompt_model(loaded):
                                                    AIMessage("Up by 20 years [Table 1].")]))  # the answer
     with_model = rag_chain(local_source(), scripted).invoke(question)
     assert with_model.text == "Up by 20 years [Table 1]." and with_model.citations == [1]
+    assert with_model.attribution == [docs[0].metadata["attribution"]]
 
 
 def test_rig_chain_prompt_model_grounder():
