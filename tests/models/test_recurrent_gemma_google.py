@@ -1,4 +1,5 @@
-"""RecurrentGemma against Google's own PyTorch implementation (``recurrentgemma.torch``, test extra).
+"""RecurrentGemma against Google's own PyTorch implementation (``recurrentgemma.torch``; installed by
+``make install-test`` with ``--no-deps``, see pyproject.toml).
 
 transformers and Google's code differ in two known ways, and our model follows transformers by default
 with each of Google's behaviours as a setting (``RecurrentGemmaConfig``):
@@ -35,7 +36,8 @@ def google_modules():
     if "recurrentgemma" not in sys.modules:
         spec = importlib.util.find_spec("recurrentgemma")
         if spec is None:
-            pytest.fail("the recurrentgemma package (test extra) is not installed: pip install recurrentgemma==1.0.1")
+            pytest.fail("Google's recurrentgemma is not installed: "
+                        "pip install --no-deps recurrentgemma==1.0.1 (make install-test does)")
         package = types.ModuleType("recurrentgemma")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["recurrentgemma"] = package
