@@ -156,7 +156,8 @@ class RecurrentGemmaConfig:
                              "partial_rotary_factor": self.partial_rotary_factor},
             logits_soft_cap=self.logits_soft_cap, attention_bias=self.attention_bias,
             hidden_activation=self.hidden_activation, tie_word_embeddings=self.tie_word_embeddings,
-            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, bos_token_id=self.bos_token_id)
+            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, bos_token_id=self.bos_token_id,
+            max_position_embeddings=self.max_position_embeddings)  # ours; transformers keeps it as an attribute
         # Our settings only when they differ from transformers (which ignores them).
         if self.attention_window_plus_one:
             out["attention_window_plus_one"] = True
