@@ -12,9 +12,9 @@ and every implementation returns ``(y, h_last)``: ``y[:, t] = h_t`` cast to ``x`
 state ``h_(seq-1)`` in float32 (``h0``, or zeros, when ``seq == 0``).
 
 Implementations, all with the same arguments: :func:`rglru_scan_reference` (one step per token, the
-specification); :func:`rglru_scan_chunked`, the torch path for CPUs: a two-level scan that advances
-every chunk of ``chunk`` tokens in lock-step (``chunk`` vectorised steps instead of ``seq``), combines
-the chunk totals with the same scan recursively and adds each chunk's carry in one pass;
+specification); :func:`rglru_scan_chunked`, the torch path for CPUs: every chunk of about sqrt(seq)
+tokens advances in lock-step, once for the chunk totals (scanned recursively the same way) and once
+more from the state entering each chunk, so a few hundred vectorised steps replace one per token;
 :func:`rglru_scan_triton`, one program per (row, block of channels) walking the sequence in tiles of
 ``BLOCK_T`` steps, each tile scanned in parallel with ``tl.associative_scan``. :func:`rglru_scan`
 picks one (Triton on CUDA, the chunked torch path elsewhere).
@@ -22,6 +22,7 @@ picks one (Triton on CUDA, the chunked torch path elsewhere).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -87,20 +88,30 @@ def rglru_scan_reference(a, x, *, h0=None, reset=None) -> tuple[torch.Tensor, to
 
 
 # -- the CPU path -----------------------------------------------------------------------------------
-_CHUNK = 32  # the fastest on this CPU for widths 768..2560 and 2k..32k tokens (benchmarks/bench_recurrent.py)
-
-
 def _scan_steps(a: torch.Tensor, x: torch.Tensor, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Advance ``h`` over dim 1 of float32 ``a``, ``x`` one step at a time, writing ``out``; return ``h``."""
+    """Advance ``h`` over dim 1 of float32 ``a``, ``x`` one step at a time, into ``out``; return the last."""
     for t in range(x.shape[1]):
-        h = torch.addcmul(x[:, t], a[:, t], h)
-        out[:, t] = h
+        h = torch.addcmul(x[:, t], a[:, t], h, out=out[:, t])
     return h
 
 
-def _scan_fp32(a: torch.Tensor, x: torch.Tensor, h: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive float32 scan of ``(batch, seq, width)`` ``a``, ``x`` from state ``h``; returns (states, last)."""
+def _chunk_for(seq: int) -> int:
+    """About sqrt(seq) steps per chunk (the Python steps per level are ~2 * chunk + seq / chunk), 16..128:
+    on this CPU 64..128 were fastest from 2k to 32k tokens (benchmarks/bench_recurrent.py --scan-only)."""
+    return min(128, max(16, 2 ** round(math.log2(math.sqrt(max(seq, 1))))))
+
+
+def _scan_fp32(a: torch.Tensor, x: torch.Tensor, h: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive float32 scan of ``(batch, seq, width)`` ``a``, ``x`` from state ``h``; returns (states, last).
+
+    Two passes over the chunks of each row, every chunk advancing in lock-step: the first keeps only
+    each chunk's running product of ``a`` and its end state from zero (in place, no per-step output);
+    those chunk totals are a recurrence of ``seq / chunk`` steps, scanned the same way, which gives the
+    state entering every chunk; the second pass replays each chunk from that state, writing the output.
+    Five passes over the data (read a, x twice; write y once) and no per-token Python step.
+    """
     batch, seq, width = x.shape
+    chunk = chunk or _chunk_for(seq)
     states = torch.empty_like(x)
     if seq <= 2 * chunk:
         return states, _scan_steps(a, x, h, states)
@@ -108,29 +119,27 @@ def _scan_fp32(a: torch.Tensor, x: torch.Tensor, h: torch.Tensor, chunk: int) ->
     main = n * chunk
     a_chunks = a[:, :main].view(batch, n, chunk, width)
     x_chunks = x[:, :main].view(batch, n, chunk, width)
-    local = states[:, :main].view(batch, n, chunk, width)
-    # 1. Every chunk scanned from a zero state, all chunks advancing together.
-    g = x_chunks[:, :, 0]
-    local[:, :, 0] = g
+    end = x_chunks[:, :, 0].clone()  # each chunk's state from zero ...
+    decay = a_chunks[:, :, 0].clone()  # ... and the product of its a, so far
     for t in range(1, chunk):
-        g = torch.addcmul(x_chunks[:, :, t], a_chunks[:, :, t], g)
-        local[:, :, t] = g
-    # 2. The chunk totals (product of a, local end state) form a recurrence of n steps: scan it the same way.
-    decay = torch.cumprod(a_chunks, dim=2)
-    ends, last = _scan_fp32(decay[:, :, -1].contiguous(), local[:, :, -1].contiguous(), h, chunk)
-    # 3. Each chunk gets the state that entered it, decayed to every step.
-    carry = torch.cat([h[:, None], ends[:, :-1]], dim=1)
-    local.addcmul_(decay, carry[:, :, None])
+        end.mul_(a_chunks[:, :, t]).add_(x_chunks[:, :, t])
+        decay.mul_(a_chunks[:, :, t])
+    ends, last = _scan_fp32(decay, end, h, chunk)  # the state after each chunk
+    entering = torch.cat([h[:, None], ends[:, :-1]], dim=1)
+    out = states[:, :main].view(batch, n, chunk, width)
+    for t in range(chunk):
+        entering = torch.addcmul(x_chunks[:, :, t], a_chunks[:, :, t], entering, out=out[:, :, t])
     if main < seq:
         last = _scan_steps(a[:, main:], x[:, main:], last, states[:, main:])
     return states, last
 
 
-def rglru_scan_chunked(a, x, *, h0=None, reset=None, chunk: int = _CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two-level chunked scan in torch (module docstring): about ``2 * chunk`` vectorised steps per
-    level instead of one per token; float32 throughout, differing from the reference only by rounding."""
+def rglru_scan_chunked(a, x, *, h0=None, reset=None, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-pass chunked scan in torch (see ``_scan_fp32``): a few hundred vectorised steps instead
+    of one per token; float32 throughout, differing from the reference only by rounding. ``chunk``
+    defaults to about sqrt(seq)."""
     validate_scan_args(a, x, h0, reset)
-    if chunk < 2:
+    if chunk is not None and chunk < 2:
         raise ScanArgumentError(f"chunk must be >= 2, got {chunk}")
     a32 = a.float()
     if reset is not None:

@@ -277,7 +277,9 @@ class RecurrentState:
         every = bool(rows.all())
         index = rows.nonzero()[:, 0]
         for kind, tensors in zip(self.kinds, self.layers, strict=True):
-            for t in tensors if kind == RECURRENT else ():
+            if kind != RECURRENT:
+                continue
+            for t in tensors:
                 if every:
                     t.zero_()
                 else:
@@ -323,8 +325,9 @@ class CausalConv1d(nn.Module):
 
     def __init__(self, width: int, taps: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(width, 1, taps))
-        self.bias = nn.Parameter(torch.empty(width))
+        # Google's initialisation (checkpoints overwrite it): normal with variance 0.01 / taps, zero bias.
+        self.weight = nn.Parameter(torch.randn(width, 1, taps) * math.sqrt(0.01 / taps))
+        self.bias = nn.Parameter(torch.zeros(width))
 
     def forward(self, x: torch.Tensor, history: torch.Tensor | None, step: _Step):
         """``x`` ``(batch, seq, width)``, ``history`` the ``taps - 1`` inputs before it (None: zeros).
@@ -354,11 +357,14 @@ class RGLRU(nn.Module):
         super().__init__()
         heads, block = config.num_attention_heads, config.lru_width // config.num_attention_heads
         self.heads, self.block = heads, block
-        self.recurrent_param = nn.Parameter(torch.empty(config.lru_width))
-        self.input_gate_weight = nn.Parameter(torch.empty(heads, block, block))
-        self.input_gate_bias = nn.Parameter(torch.empty(heads, block))
-        self.recurrent_gate_weight = nn.Parameter(torch.empty(heads, block, block))
-        self.recurrent_gate_bias = nn.Parameter(torch.empty(heads, block))
+        # Google's initialisation (checkpoints overwrite it): gates normal with variance 1 / block, zero
+        # biases; recurrent_param such that a = exp(-softplus(param)) lies uniformly on the ring 0.9..0.999.
+        radius_squared = torch.empty(config.lru_width).uniform_(0.9 ** 2 + 1e-8, 0.999 ** 2 + 1e-8)
+        self.recurrent_param = nn.Parameter(torch.log(torch.expm1(-0.5 * torch.log(radius_squared))))
+        self.input_gate_weight = nn.Parameter(torch.randn(heads, block, block) * block ** -0.5)
+        self.input_gate_bias = nn.Parameter(torch.zeros(heads, block))
+        self.recurrent_gate_weight = nn.Parameter(torch.randn(heads, block, block) * block ** -0.5)
+        self.recurrent_gate_bias = nn.Parameter(torch.zeros(heads, block))
 
     def _gate(self, per_head: torch.Tensor, weight, bias, shape) -> torch.Tensor:
         return torch.sigmoid(torch.baddbmm(bias[:, None, :], per_head, weight).transpose(0, 1).reshape(shape))
@@ -494,7 +500,7 @@ def _write_ring(ring_k, ring_v, k, v, step: _Step) -> None:
     ring_v.copy_(torch.cat([ring_v, v], dim=2).gather(2, index))
 
 
-_QUERY_BLOCK = 512  # queries per attention call for long inputs on the CPU
+_QUERY_BLOCK = 256  # queries per attention call for long inputs on the CPU (fastest of 128..1024 at 8k)
 
 
 def _local_attention(q, k, v, *, scale, window, q_offset, kv_lens, query_window, backend):
@@ -609,7 +615,8 @@ class RecurrentGemmaLM(nn.Module):
 
         Without ``input_pos`` the chunk is a whole sequence and the state is neither read nor written.
         ``kv_lens`` ``(batch,)`` is each row's stream length after this chunk when rows are right-padded
-        (the state keeps what follows each row's last real token). ``position_ids`` ``(batch, seq)``
+        (the state ends at each row's last real token; without ``input_pos`` padding after the real
+        tokens changes nothing and ``kv_lens`` is not needed). ``position_ids`` ``(batch, seq)``
         default to the stream positions; a 0 inside starts a new document.
         """
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -632,19 +639,22 @@ class RecurrentGemmaLM(nn.Module):
                      isolate=c.isolate_documents, fresh=True)
         start: int | torch.Tensor = 0
         if input_pos is not None:
-            start = self._continue_or_restart(batch, input_pos)
-            step.seen = self.state.seen[:batch].clone()
-            step.seen_int = start if isinstance(start, int) else None
-            step.fresh = bool((step.seen == 0).all())
-            if kv_lens is not None:
+            starts = self._checked_starts(batch, input_pos)
+            if kv_lens is not None:  # checked before the state changes
                 kv_lens = torch.as_tensor(kv_lens).to("cpu", torch.long)
-                valid = kv_lens - start
-                if kv_lens.shape != (batch,) or bool((valid < 1).any()) or bool((valid > seq).any()):
+                valid = kv_lens - starts if kv_lens.shape == (batch,) else None
+                if valid is None or bool((valid < 1).any()) or bool((valid > seq).any()):
                     raise ValueError(f"kv_lens must hold, per row, its stream length after this chunk: between "
                                      f"input_pos + 1 and input_pos + {seq}; got {kv_lens.tolist()}")
                 if bool((valid < seq).any()):
                     step.valid = valid
                     step.pad = (torch.arange(seq)[None, :] < valid[:, None]).to(device)
+            state = self.state
+            state.restart(torch.cat([starts == 0, torch.zeros(state.batch - batch, dtype=torch.bool)]))
+            step.seen = state.seen[:batch].clone()
+            start = int(starts[0]) if bool((starts == starts[0]).all()) else starts
+            step.seen_int = start if isinstance(start, int) else None
+            step.fresh = bool((step.seen == 0).all())
         if position_ids is None:
             base = torch.arange(seq, device=device)[None, :]
             position_ids = (base + (start if isinstance(start, int) else start.to(device)[:, None])).expand(batch, seq)
@@ -663,23 +673,24 @@ class RecurrentGemmaLM(nn.Module):
             step.query_window = self._query_window(step, seq)
         return step
 
-    def _continue_or_restart(self, batch: int, input_pos) -> int | torch.Tensor:
-        """Check ``input_pos`` against the state and restart rows at 0; returns the starts (int if all equal)."""
+    def _checked_starts(self, batch: int, input_pos) -> torch.Tensor:
+        """``input_pos`` per row (CPU), each either 0 (restart) or the tokens its state holds (continue)."""
         state = self.state
         if state is None:
             raise RuntimeError("input_pos given but no state: call setup_cache(batch) first")
         if batch > self.cache_batch:
             raise ValueError(f"batch {batch} exceeds the state's batch {self.cache_batch}")
-        start = torch.as_tensor(input_pos).to("cpu", torch.long).reshape(-1).expand(batch)
+        starts = torch.as_tensor(input_pos).to("cpu", torch.long).reshape(-1)
+        if starts.numel() not in (1, batch):
+            raise ValueError(f"input_pos must be an int or one start per row ({batch}), got {starts.numel()} values")
+        starts = starts.expand(batch).clone()
         seen = state.seen[:batch]
-        bad = (start != 0) & (start != seen)
+        bad = (starts != 0) & (starts != seen)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"row {row}: input_pos {int(start[row])} but its recurrent state holds "
+            raise ValueError(f"row {row}: input_pos {int(starts[row])} but its recurrent state holds "
                              f"{int(seen[row])} tokens; continue at {int(seen[row])} or restart at 0")
-        restart = start == 0
-        state.restart(torch.cat([restart, torch.zeros(state.batch - batch, dtype=torch.bool)]))
-        return int(start[0]) if bool((start == start[0]).all()) else start.clone()
+        return starts
 
     def _query_window(self, step: _Step, seq: int) -> torch.Tensor | None:
         """Per-query windows ``min(window, position + 1)`` when they hide a key the window would show."""

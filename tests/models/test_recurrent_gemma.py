@@ -316,7 +316,10 @@ def test_positions_that_do_not_continue_the_state_are_refused(pair):
         with pytest.raises(ValueError, match="row 0: input_pos 3 but its recurrent state holds 4 tokens"):
             ours(ids[:, :1], input_pos=3)
         with pytest.raises(ValueError, match="kv_lens must hold"):
-            ours(ids, input_pos=4, kv_lens=torch.tensor([9, 4]))
+            ours(ids, input_pos=0, kv_lens=torch.tensor([9, 4]))
+        assert ours.state.seen.tolist() == [4, 4]  # a refused call leaves the state as it was
+        with pytest.raises(ValueError, match="one start per row"):
+            ours(ids, input_pos=torch.tensor([4, 4, 4]))
         with pytest.raises(ValueError, match="exceeds the state's batch"):
             ours(random_ids((3, 1), 1), input_pos=4)
         ours(ids[:, :1], input_pos=torch.tensor([4, 0]))  # row 0 continues, row 1 restarts
