@@ -139,6 +139,7 @@ def rglru_scan_chunked(a, x, *, h0=None, reset=None, chunk: int | None = None) -
     of one per token; float32 throughout, differing from the reference only by rounding. ``chunk``
     defaults to about sqrt(seq)."""
     validate_scan_args(a, x, h0, reset)
+    _inference_only("rglru_scan_chunked", a, x, h0)
     if chunk is not None and chunk < 2:
         raise ScanArgumentError(f"chunk must be >= 2, got {chunk}")
     a32 = a.float()
@@ -200,6 +201,7 @@ def _scan_config(on_gpu: bool) -> dict:
 def rglru_scan_triton(a, x, *, h0=None, reset=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel (same arguments as the reference)."""
     validate_scan_args(a, x, h0, reset)
+    _inference_only("rglru_scan_triton", a, x, h0)
     if triton is None:
         raise ScanArgumentError("the Triton scan needs the triton package (Linux); use rglru_scan_chunked")
     if not x.is_cuda and type(_rglru_scan_kernel).__name__ != "InterpretedFunction":
@@ -223,12 +225,25 @@ def rglru_scan_triton(a, x, *, h0=None, reset=None) -> tuple[torch.Tensor, torch
 _BACKEND_ENV = "GEMMA_GROUNDING_SCAN"
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _inference_only(name: str, *tensors) -> None:
+    if _needs_grad(*tensors):
+        raise ScanArgumentError(f"{name} computes no gradients (it updates buffers in place): call it under "
+                                "torch.no_grad(), or use rglru_scan, which falls back to the reference")
+
+
 def rglru_scan(a, x, *, h0=None, reset=None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The one scan entry point the models call. ``backend``: ``"auto"`` (default; also settable with
-    the ``GEMMA_GROUNDING_SCAN`` environment variable), ``"torch"`` or ``"triton"``."""
+    the ``GEMMA_GROUNDING_SCAN`` environment variable), ``"torch"`` or ``"triton"``. When gradients are
+    needed the differentiable reference runs instead (the fast paths are for inference)."""
     backend = backend or os.environ.get(_BACKEND_ENV, "auto")
     if backend not in ("auto", "torch", "triton"):
         raise ScanArgumentError(f"scan backend must be auto, torch or triton, got {backend!r}")
+    if _needs_grad(a, x, h0):
+        return rglru_scan_reference(a, x, h0=h0, reset=reset)
     if backend == "triton" or (backend == "auto" and x.is_cuda):
         return rglru_scan_triton(a, x, h0=h0, reset=reset)
     return rglru_scan_chunked(a, x, h0=h0, reset=reset)

@@ -32,7 +32,7 @@ from kernels.attention import attention
 from kernels.rglru import rglru_scan
 
 from .config import ConfigError, _read_json
-from .gemma import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from .gemma import GemmaLM, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 __all__ = ["RecurrentGemmaConfig", "RecurrentGemmaLM", "RecurrentState", "recurrent_preset",
            "recurrent_preset_names", "build_from_config", "IGNORED_CHECKPOINT_KEYS"]
@@ -594,7 +594,10 @@ class RecurrentGemmaLM(nn.Module):
         dtype = dtype or self.dtype
         device = torch.device(device or self.device)
         s = self.state
-        if s is None or s.batch < batch_size or s.layers[0][0].dtype != dtype or s.layers[0][0].device != device:
+        first = None if s is None else s.layers[0][0]
+        # Tensors made under inference_mode (as in generate) cannot be updated in place outside it.
+        if (first is None or s.batch < batch_size or first.dtype != dtype or first.device != device
+                or (first.is_inference() and not torch.is_inference_mode_enabled())):
             self.state = RecurrentState(self.config, batch_size, dtype, device)
         self.cache_batch = batch_size
 
@@ -708,19 +711,8 @@ class RecurrentGemmaLM(nn.Module):
         cap = self.config.logits_soft_cap
         return torch.tanh(out / cap) * cap if cap else out
 
-    def forward(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        return self.logits(self.hidden_states(input_ids, **kwargs))
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
-
-    def generate(self, input_ids, **kwargs):
-        """Token-level generation; see :func:`models.generate.generate_ids`."""
-        from .generate import generate_ids
-
-        return generate_ids(self, input_ids, **kwargs)
+    # The rest of the causal-LM protocol is GemmaLM's, written over hidden_states, logits and embed_tokens.
+    forward = GemmaLM.forward
+    device = GemmaLM.device
+    dtype = GemmaLM.dtype
+    generate = GemmaLM.generate

@@ -115,6 +115,28 @@ def test_entry_point_picks_the_chunked_path_on_cpu(monkeypatch):
         rglru_scan(a, x, backend="cuda")
 
 
+def test_gradients_come_from_the_reference():
+    """The fast paths are inference-only; with gradients needed the entry point runs the reference."""
+    a, x, h0, reset = make_inputs(2, 9, 4, torch.float32, initial=True, resets=True)
+    a.requires_grad_(True)
+    y, h = rglru_scan(a, x, h0=h0, reset=reset)
+    (y.sum() + h.sum()).backward()
+    got, a.grad = a.grad, None
+    # The closed form h_t = prod(a_1..t) h0 + sum_s prod(a_s+1..t) x_s, differentiated by autograd.
+    kept = a.masked_fill(reset[..., None], 0.0)
+    states = [h0 * kept[:, :t + 1].prod(1) + sum(x[:, s] * kept[:, s + 1:t + 1].prod(1) for s in range(t + 1))
+              for t in range(a.shape[1])]
+    (torch.stack(states, 1).sum() + states[-1].sum()).backward()
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, a.grad, atol=1e-5, rtol=1e-5)
+    for scan in (rglru_scan_chunked, rglru_scan_triton):
+        with pytest.raises(ScanArgumentError, match="computes no gradients"):
+            scan(a, x, h0=h0)
+    with torch.no_grad():
+        check(rglru_scan_chunked(a, x, h0=h0, reset=reset), rglru_scan_reference(a, x, h0=h0, reset=reset),
+              torch.float32)
+
+
 def test_bad_arguments_are_named():
     a, x, h0, reset = make_inputs(2, 5, 4, torch.float32, initial=True, resets=True)
     for kwargs, message in [

@@ -308,7 +308,11 @@ def test_bad_configs_name_the_field(tmp_path):
 def test_positions_that_do_not_continue_the_state_are_refused(pair):
     _, ours = pair
     ids = random_ids((2, 4), 3)
+    ours.clear_cache()
+    generate_ids(ours, ids, max_new_tokens=2)  # a state made under inference_mode ...
     with torch.no_grad():
+        ours.setup_cache(2)
+        ours(ids, input_pos=0)  # ... is replaced outside it (inference tensors cannot be updated in place)
         with pytest.raises(RuntimeError, match="call setup_cache"):
             ours.clear_cache() or ours(ids, input_pos=0)
         ours.setup_cache(2, 0)
