@@ -101,7 +101,7 @@ def with_settings(model: RecurrentGemmaLM, **settings) -> RecurrentGemmaLM:
 
 
 @pytest.fixture(scope="module")
-def models():
+def ours_and_google():
     ours = RecurrentGemmaLM(RecurrentGemmaConfig(**BASE)).eval()
     randomise(ours, seed=21)
     return ours, to_google(ours)
@@ -113,8 +113,8 @@ def google_logits(google, ids, positions):
     return logits
 
 
-def test_window_plus_one_matches_google(models):
-    ours, google = models
+def test_window_plus_one_matches_google(ours_and_google):
+    ours, google = ours_and_google
     ids = torch.randint(3, 97, (2, 17), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(17)[None].expand(2, 17)
     expected = google_logits(google, ids, positions)
@@ -128,8 +128,12 @@ def test_window_plus_one_matches_google(models):
     assert (default[:, WINDOW:] - expected[:, WINDOW:]).abs().amax(dim=-1).min() > 1e-3
 
 
-def test_document_isolation_matches_google(models):
-    ours, google = models
+@pytest.mark.parametrize("query_block", [256, 4], ids=["one-call", "query-blocks"])
+def test_document_isolation_matches_google(ours_and_google, query_block, monkeypatch):
+    import models.recurrent_gemma as rg
+
+    monkeypatch.setattr(rg, "_QUERY_BLOCK", query_block)  # the CPU's blocks of queries, per-query windows each
+    ours, google = ours_and_google
     ids = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(2))
     positions = torch.stack([torch.cat([torch.arange(7), torch.arange(9)]),  # a document starts at index 7
                              torch.cat([torch.arange(3), torch.arange(2), torch.arange(11)])])
@@ -144,10 +148,10 @@ def test_document_isolation_matches_google(models):
     assert (crossing[0, 7:10] - expected[0, 7:10]).abs().amax(dim=-1).min() > 1e-3
 
 
-def test_cached_decoding_matches_google_past_the_window(models):
+def test_cached_decoding_matches_google_past_the_window(ours_and_google):
     """Google's sampler path: a prompt prefilled into its cache, then one token at a time (its cache
     holds `window` keys plus the new one, so it needs attention_window_plus_one)."""
-    ours, google = models
+    ours, google = ours_and_google
     plus_one = with_settings(ours, attention_window_plus_one=True)
     ids = torch.randint(3, 97, (2, 15), generator=torch.Generator().manual_seed(3))
     positions = torch.arange(15)[None].expand(2, 15)
@@ -162,10 +166,10 @@ def test_cached_decoding_matches_google_past_the_window(models):
     torch.testing.assert_close(torch.cat(got, dim=1), torch.cat(expected, dim=1), atol=1e-4, rtol=0)
 
 
-def test_isolated_documents_decode_like_the_full_forward(models):
+def test_isolated_documents_decode_like_the_full_forward(ours_and_google):
     """With isolation on, decoding through the state (ring buffer, conv history) sees what the full
     forward sees: only the current document."""
-    ours, _ = models
+    ours, _ = ours_and_google
     isolated = with_settings(ours, attention_window_plus_one=True, isolate_documents=True)
     ids = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(4))
     positions = torch.stack([torch.cat([torch.arange(9), torch.arange(7)]),
