@@ -3,6 +3,7 @@
     python benchmarks/bench_recurrent.py                          # contexts 512, 2k, 8k, 32k (long: minutes)
     python benchmarks/bench_recurrent.py --contexts 512 2048      # a quicker run
     python benchmarks/bench_recurrent.py --scan-only              # the RG-LRU scan alone
+    python benchmarks/bench_recurrent.py --decode-only --cpu-time --threads 1   # steadier on a shared machine
 
 Models (random weights, fp32, vocabulary 32000, width 768, 12 layers, MLP 2304): our RecurrentGemma
 (recurrent, recurrent, attention; window 2048; 108M parameters), our Gemma 3-style decoder (five local
@@ -10,14 +11,16 @@ layers of window 512 per global layer, 4 heads x 256, 1 KV head; 112M), and tran
 RecurrentGemmaForCausalLM holding our RecurrentGemma's weights (its default attention, logits of the
 last position only, as in generation).
 
-For each context C: prefill tokens/s (C tokens, the last position's logits) and decode tokens/s (greedy
-steps after those C tokens), and the bytes of the state (ours) or KV cache (Gemma) at C. Our
-RecurrentGemma and transformers' decode after a real prefill. Gemma decodes after a real prefill up to
-``--gemma-max-prefill`` tokens; beyond it (its O(C^2) prefill takes too long on a CPU) its KV cache is
-filled with random keys and values as if C tokens had been read: a decode step does the same work
-either way. transformers runs up to ``--hf-max-context`` (its windowed attention still builds a C x C
-mask). Targets (issue #10): prefill >= 5x transformers' at 8k tokens; our decode tokens/s within 10%
-from 2k to 32k while Gemma's falls; our state bytes flat.
+For each context C: prefill tokens/s (C tokens into a fresh state, the last position's logits), decode
+tokens/s (greedy steps after C tokens) and the bytes of the state (ours) or KV cache (Gemma) at C.
+Decode starts from a state / KV cache filled with random contents as if C tokens had been read (a
+step does the same work whatever they hold), and runs in ``--decode-rounds`` interleaved rounds over
+the contexts, reported as the median (with our spread), so that load drifting on a shared machine
+does not pass for a trend. transformers' decode is its ``generate`` minus its prefill, after a real
+prefill. Gemma prefills up to ``--gemma-max-prefill`` tokens (its attention is O(C^2) on the CPU) and
+transformers runs up to ``--hf-max-context`` (its windowed attention still builds a C x C mask).
+Targets (issue #10): prefill >= 5x transformers' at 8k tokens; our decode tokens/s within 10% from
+2k to 32k while Gemma's falls; our state bytes flat.
 
 The scan part times the RG-LRU recurrence alone: on the CPU the chunked torch path against one step per
 token (the reference); on a GPU (only when CUDA is present) the Triton kernel's GB/s against a
@@ -78,41 +81,40 @@ def params(model) -> float:
 
 
 @torch.inference_mode()
-def recurrent_run(model, ids, steps: int) -> tuple[float, float, int]:
-    """(prefill seconds, seconds per decode step, state bytes) of our RecurrentGemma."""
-    model.setup_cache(1)
-
-    def prefill():
-        return model.logits(model.hidden_states(ids, input_pos=0)[:, -1:])
-
-    prefill_s = _timed(prefill)
-    token = prefill().argmax(-1)
-    context = ids.shape[1]
-    start = clock()
-    for step in range(steps):
-        token = model(token, input_pos=context + step).argmax(-1)
-    return prefill_s, (clock() - start) / steps, model.state.nbytes()
+def prefill_seconds(model, ids) -> float:
+    """One prefill of ``ids`` into a fresh state / cache, the last position's logits included."""
+    model.setup_cache(1, ids.shape[1] + 1)
+    return _timed(lambda: model.logits(model.hidden_states(ids, input_pos=0)[:, -1:]))
 
 
 @torch.inference_mode()
-def gemma_run(model, ids, steps: int, max_prefill: int) -> tuple[float | None, float, int]:
-    """(prefill seconds or None, seconds per decode step, KV cache bytes for the context) of our Gemma."""
-    context = ids.shape[1]
-    model.setup_cache(1, context + steps)
-    prefill_s = None
-    if context <= max_prefill:
-        prefill_s = _timed(lambda: model.logits(model.hidden_states(ids, input_pos=0)[:, -1:]))
-    else:  # keys and values as if `context` tokens had been read (a decode step does the same work)
+def as_if_read(model, context: int, steps: int) -> None:
+    """The state (ours) or KV cache (Gemma) as after ``context`` tokens, with random contents: a decode
+    step does the same work whatever the keys, values and recurrent states hold."""
+    from models.recurrent_gemma import RecurrentGemmaLM
+
+    if isinstance(model, RecurrentGemmaLM):
+        model.setup_cache(1)
+        for tensors in model.state.layers:
+            for t in tensors:
+                t.normal_()
+        model.state.seen[:] = context
+    else:
+        model.setup_cache(1, context + steps)
         for layer in model.model.layers:
             layer.self_attn.cache.k.normal_()
             layer.self_attn.cache.v.normal_()
-    token = ids[:, -1:]
+
+
+@torch.inference_mode()
+def decode_seconds(model, context: int, steps: int) -> float:
+    """Seconds per greedy decode step after ``context`` tokens."""
+    as_if_read(model, context, steps)
+    token = torch.tensor([[5]])
     start = clock()
     for step in range(steps):
         token = model(token, input_pos=context + step).argmax(-1)
-    c = model.config
-    kv_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * context * c.head_dim * 4
-    return prefill_s, (clock() - start) / steps, kv_bytes
+    return (clock() - start) / steps
 
 
 @torch.inference_mode()
@@ -126,36 +128,56 @@ def hf_run(model, ids, steps: int) -> tuple[float, float]:
 
 def model_benchmark(args) -> None:
     torch.manual_seed(0)
-    recurrent, gemma, hf = build_models(with_hf=not args.no_hf)
+    recurrent, gemma, hf = build_models(with_hf=not args.no_hf and not args.decode_only)
     print(f"RecurrentGemma {params(recurrent):.1f}M parameters, Gemma {params(gemma):.1f}M")
     warm = torch.randint(3, VOCAB, (1, 64))
-    recurrent_run(recurrent, warm, 4)
-    gemma_run(gemma, warm, 4, 64)
-    rows = []
-    for context in args.contexts:
+    for model in (recurrent, gemma):
+        prefill_seconds(model, warm)
+        decode_seconds(model, 64, 4)
+    rows = {c: dict(context=c) for c in args.contexts}
+    for context in [] if args.decode_only else args.contexts:
         ids = torch.randint(3, VOCAB, (1, context), generator=torch.Generator().manual_seed(context))
-        r_prefill, r_step, r_bytes = recurrent_run(recurrent, ids, args.steps)
-        g_prefill, g_step, g_bytes = gemma_run(gemma, ids, args.steps, args.gemma_max_prefill)
-        h_prefill = h_step = None
+        row = rows[context]
+        row["ours"] = prefill_seconds(recurrent, ids)
+        row["gemma"] = prefill_seconds(gemma, ids) if context <= args.gemma_max_prefill else None
         if hf is not None and context <= args.hf_max_context:
-            h_prefill, h_step = hf_run(hf, ids, args.steps)
-        rows.append((context, r_prefill, r_step, r_bytes, g_prefill, g_step, g_bytes, h_prefill, h_step))
-        print_row(rows[-1], rows[0])
+            row["hf"], row["hf_step"] = hf_run(hf, ids, args.steps)
+        print(f"prefill {context:6d}: ours {context / row['ours']:8.1f} tok/s, gemma {_rate(context, row['gemma'])}, "
+              f"transformers {_rate(context, row.get('hf'))}", flush=True)
+    # Decode in interleaved rounds (median per context), so that load on a shared machine drifting
+    # over minutes does not pass for a trend over contexts.
+    times = {(name, c): [] for name in ("ours", "gemma") for c in args.contexts}
+    for _ in range(args.decode_rounds):
+        for context in args.contexts:
+            times["ours", context].append(decode_seconds(recurrent, context, args.steps))
+            times["gemma", context].append(decode_seconds(gemma, context, args.steps))
+    c = gemma.config
+    for context in args.contexts:
+        row = rows[context]
+        row["ours_step"] = statistics.median(times["ours", context])
+        row["gemma_step"] = statistics.median(times["gemma", context])
+        spread = max(times["ours", context]) / min(times["ours", context]) - 1
+        row["spread"] = f"{spread:.0%}"
+        as_if_read(recurrent, context, 1)
+        row["state"] = recurrent.state.nbytes()
+        row["kv"] = c.num_hidden_layers * 2 * c.num_key_value_heads * context * c.head_dim * 4
+    print_table(list(rows.values()))
 
 
 def _rate(tokens, seconds):
     return f"{tokens / seconds:9.1f}" if seconds else "        -"
 
 
-def print_row(row, first) -> None:
-    context, r_prefill, r_step, r_bytes, g_prefill, g_step, g_bytes, h_prefill, h_step = row
-    if row is first:
-        print(f"{'context':>8} | {'prefill tok/s: ours':>19} {'gemma':>9} {'hf':>9} {'ours/hf':>8} | "
-              f"{'decode tok/s: ours':>18} {'gemma':>9} {'hf':>9} | {'state MB':>8} {'gemma KV MB':>11}")
-    ratio = f"{h_prefill / r_prefill:7.2f}x" if h_prefill else "       -"
-    print(f"{context:>8} | {_rate(context, r_prefill):>19} {_rate(context, g_prefill)} {_rate(context, h_prefill)} "
-          f"{ratio} | {_rate(1, r_step):>18} {_rate(1, g_step)} {_rate(1, h_step)} | "
-          f"{r_bytes / 2**20:8.2f} {g_bytes / 2**20:11.1f}", flush=True)
+def print_table(rows) -> None:
+    print(f"{'context':>8} | {'prefill tok/s: ours':>19} {'gemma':>9} {'hf':>9} {'speedup':>8} | "
+          f"{'decode tok/s: ours':>18} {'(spread)':>8} {'gemma':>9} {'hf':>9} | {'state MB':>8} {'gemma KV MB':>11}")
+    for r in rows:
+        ours, hf = r.get("ours"), r.get("hf")
+        ratio = f"{hf / ours:7.2f}x" if hf and ours else "       -"
+        print(f"{r['context']:>8} | {_rate(r['context'], ours):>19} {_rate(r['context'], r.get('gemma'))} "
+              f"{_rate(r['context'], hf)} {ratio} | {_rate(1, r['ours_step']):>18} {r['spread']:>8} "
+              f"{_rate(1, r['gemma_step'])} {_rate(1, r.get('hf_step'))} | {r['state'] / 2**20:8.2f} "
+              f"{r['kv'] / 2**20:11.1f}", flush=True)
 
 
 def scan_benchmark(args) -> None:
@@ -200,7 +222,9 @@ def scan_benchmark(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 32768])
-    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per context")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per context and round")
+    parser.add_argument("--decode-rounds", type=int, default=3, help="interleaved rounds of decode timings")
+    parser.add_argument("--decode-only", action="store_true", help="skip the prefills (and transformers)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the scan timings (median)")
     parser.add_argument("--gemma-max-prefill", type=int, default=8192)
     parser.add_argument("--hf-max-context", type=int, default=8192)
