@@ -17,6 +17,8 @@ from .generate import generate, generate_ids  # noqa: F401  (exported through __
 _EXPORTS = {
     "ConfigError": "config", "GemmaConfig": "config", "preset": "config", "preset_names": "config",
     "GemmaLM": "gemma", "PaliGemma": "paligemma", "SiglipVisionModel": "siglip",
+    "RecurrentGemmaLM": "recurrent_gemma", "RecurrentGemmaConfig": "recurrent_gemma",
+    "recurrent_preset": "recurrent_gemma", "recurrent_preset_names": "recurrent_gemma",
     "generate": "generate", "generate_ids": "generate",
     "CheckpointError": "loading", "load_model": "loading",
     "load_tokenizer": "tokenizer", "GemmaTokenizer": "tokenizer",

@@ -98,7 +98,9 @@ def stream_ids(model, prompts, *, max_new_tokens: int = 64, temperature: float =
     lengths = torch.tensor(lens, dtype=torch.long, device=device)
     same_length = len(set(lens)) == 1
 
-    hidden = model.hidden_states(ids, input_pos=0)
+    # Per-row lengths tell a recurrent model where each row's state ends (attention models need no more
+    # than causality, and the masked padding keys change nothing for them).
+    hidden = model.hidden_states(ids, input_pos=0, kv_lens=None if same_length else lengths)
     last = hidden[torch.arange(batch, device=device), lengths - 1]
     token = sample_next(model.logits(last), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     done = [False] * batch

@@ -20,11 +20,15 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .config import ConfigError, GemmaConfig, preset
+
+if TYPE_CHECKING:
+    from .recurrent_gemma import RecurrentGemmaConfig
 
 __all__ = ["load_model", "CheckpointError", "read_safetensors", "assign_weights", "resolve_dtype",
            "init_random_weights", "ARCHITECTURES", "read_hf_config"]
@@ -37,6 +41,7 @@ class CheckpointError(ValueError):
 # model_type in config.json -> module (relative to this package) that builds it.
 ARCHITECTURES: dict[str, str] = {
     "gemma": ".gemma_hf", "gemma2": ".gemma_hf", "gemma3_text": ".gemma_hf", "gemma3": ".gemma_hf",
+    "recurrent_gemma": ".recurrent_gemma",
     "paligemma": ".paligemma",
     "siglip": ".siglip", "siglip_vision_model": ".siglip",
 }
@@ -195,7 +200,8 @@ def load_model(source: str | os.PathLike, *, dtype=None, device="cpu", seed: int
     the official shapes with random weights (seeded by ``seed``). ``quantize="int8"`` stores the
     weight matrices of a Gemma text decoder as int8 for faster CPU decoding (changes numerics; see
     :mod:`models.quantize`). Returns the model class of the architecture
-    (:class:`~models.gemma.GemmaLM` for Gemma text decoders) in eval mode.
+    (:class:`~models.gemma.GemmaLM` for Gemma text decoders,
+    :class:`~models.recurrent_gemma.RecurrentGemmaLM` for RecurrentGemma) in eval mode.
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -223,16 +229,24 @@ def _load_model(source, *, dtype, device, seed) -> nn.Module:
     if path.exists():
         raise CheckpointError(f"{path}: expected a checkpoint directory (config.json + *.safetensors) "
                               "or a .gguf file")
+    from .recurrent_gemma import recurrent_preset, recurrent_preset_names
+
     try:
         config = preset(str(source))
     except ConfigError:
-        raise FileNotFoundError(f"{source!r} is neither a checkpoint directory, a .gguf file, nor a preset "
-                                f"name (see models.preset_names())") from None
+        if str(source).lower().removeprefix("google/") not in recurrent_preset_names():
+            raise FileNotFoundError(f"{source!r} is neither a checkpoint directory, a .gguf file, nor a preset "
+                                    f"name (see models.preset_names() and models.recurrent_preset_names())") from None
+        config = recurrent_preset(str(source))
     return build_random(config, dtype=dtype, device=device, seed=seed)
 
 
-def build_random(config: GemmaConfig, *, dtype=None, device="cpu", seed: int | None = 0) -> nn.Module:
+def build_random(config: GemmaConfig | RecurrentGemmaConfig, *, dtype=None, device="cpu",
+                 seed: int | None = 0) -> nn.Module:
+    """A model of ``config`` with random weights."""
     from .gemma import GemmaLM
+    from .recurrent_gemma import RecurrentGemmaConfig, RecurrentGemmaLM
 
-    model = init_random_weights(GemmaLM(config), seed=seed)
+    model_class = RecurrentGemmaLM if isinstance(config, RecurrentGemmaConfig) else GemmaLM
+    model = init_random_weights(model_class(config), seed=seed)
     return model.to(device=device, dtype=resolve_dtype(dtype, device)).eval()

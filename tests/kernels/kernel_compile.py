@@ -17,9 +17,10 @@ from triton.compiler import ASTSource  # noqa: E402
 import kernels.attention as attention  # noqa: E402
 import kernels.decode as decode  # noqa: E402
 import kernels.maxsim as maxsim  # noqa: E402
+import kernels.rglru as rglru  # noqa: E402
 
 INT_ARGS = {"q_len", "kv_len_total", "q_heads", "kv_heads", "group", "window", "num_splits", "chunk", "rows",
-            "q_tokens", "q_offset_all", "kv_lens_all", "prefix_all"}
+            "q_tokens", "q_offset_all", "kv_lens_all", "prefix_all", "seq_len", "width"}
 
 
 def compile_kernel(fn, arch: int, pointers: dict, constants: dict, options: dict) -> int:
@@ -69,6 +70,15 @@ def maxsim_variant(arch: int, dtype: str, dim: int, block_r: int, warps: int):
         dict(num_warps=warps, num_stages=3))
 
 
+def rglru_variant(arch: int, dtype: str):
+    config = rglru._scan_config(on_gpu=True)
+    tiles = {key: config.pop(key) for key in ("BLOCK_T", "BLOCK_D")}
+    return compile_kernel(
+        rglru._rglru_scan_kernel, arch,
+        dict(A="*" + dtype, X="*" + dtype, RESET="*i8", Y="*" + dtype, H="*fp32"),
+        dict(HAS_RESET=True, **tiles), config)
+
+
 def main(arch: int) -> None:
     cases = [("bf16", 256, True, True, True, False, False),  # Gemma 2 local layer
              ("bf16", 256, True, True, True, False, True),  # ... decoding rows at their own positions
@@ -81,6 +91,7 @@ def main(arch: int) -> None:
     for dtype in ("bf16", "fp32"):
         print(json.dumps(dict(kernel="maxsim", case=[dtype, 128], shared=maxsim_variant(arch, dtype, 128, 128, 8))),
               flush=True)
+        print(json.dumps(dict(kernel="rglru_scan", case=[dtype], shared=rglru_variant(arch, dtype))), flush=True)
 
 
 if __name__ == "__main__":
