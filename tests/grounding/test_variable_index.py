@@ -17,6 +17,7 @@ import pytest
 
 from grounding.variable_index import (
     FusionWeights,
+    SearchModel,
     StaleIndexError,
     VariableCandidate,
     VariableDoc,
@@ -71,7 +72,14 @@ def embedder():
 
 @pytest.fixture(scope="module")
 def index(embedder):
+    """What users get: the shipped search model (adapter trained for all-MiniLM-L6-v2)."""
     return VariableIndex.build(CATALOGUE, embedder=embedder)
+
+
+@pytest.fixture(scope="module")
+def plain(embedder, index):
+    """No adapter, so features can be recomputed from the embedder's raw vectors."""
+    return VariableIndex(index.docs, index.view_vectors, index.view_owner, embedder, search_model=SearchModel())
 
 
 def test_paraphrases_find_their_variable_first(index):
@@ -82,7 +90,8 @@ def test_paraphrases_find_their_variable_first(index):
         assert [c.score for c in found] == sorted((c.score for c in found), reverse=True)
 
 
-def test_scores_are_the_documented_fusion_of_independent_features(index, embedder):
+def test_scores_are_the_documented_fusion_of_independent_features(plain, embedder):
+    index = plain
     query = "annual methane emissions from farms"
     found = {c.dcid: c for c in index.search(query, k=len(CATALOGUE))}
     qvec = embedder.encode([query])[0]
@@ -119,6 +128,40 @@ def test_fusion_weights_decide_between_lexical_and_dense(embedder):
     dense_only = VariableIndex.build(CATALOGUE, embedder=embedder, weights=FusionWeights(dense=10, lexical=0, bias=0))
     ranked = dense_only.search(query, k=len(CATALOGUE))
     assert [c.dense_score for c in ranked] == sorted((c.dense_score for c in ranked), reverse=True)
+
+
+def test_the_adapter_moves_only_the_query_and_only_for_its_model(index, embedder):
+    rng = np.random.default_rng(0)
+    down, up = rng.normal(size=(384, 4)).astype(np.float32), rng.normal(size=(4, 384)).astype(np.float32) * 0.2
+    model = SearchModel(down=down, up=up, base_fingerprint=embedder.fingerprint, weights=FusionWeights(), threshold=0.3)
+    adapted = VariableIndex(index.docs, index.view_vectors, index.view_owner, embedder, search_model=model)
+    assert adapted.threshold == 0.3
+    query = "babies who die young"
+    q = embedder.encode([query])[0]
+    q = q + q @ down @ up
+    q /= np.linalg.norm(q)
+    views = embedder.encode(["Infant Deaths", dcid_words("Count_Death_Infant")])
+    found = {c.dcid: c for c in adapted.search(query, k=len(CATALOGUE))}
+    assert found["Count_Death_Infant"].dense_score == pytest.approx(float(np.max(views @ q)), abs=1e-4)
+    other = SearchModel(down=down, up=up, base_fingerprint="f" * 32)
+    unadapted = VariableIndex(index.docs, index.view_vectors, index.view_owner, embedder, search_model=other)
+    assert unadapted.search_model.down is None  # trained for another model: not applied
+
+
+def test_search_model_file_round_trip_and_errors(embedder, tmp_path):
+    rng = np.random.default_rng(1)
+    model = SearchModel(down=rng.normal(size=(384, 2)).astype(np.float32), up=rng.normal(size=(2, 384)).astype(np.float32),
+                        base_fingerprint=embedder.fingerprint, weights=FusionWeights(dense=1.5, lexical=2.5, bias=-3),
+                        threshold=0.4, notes="test")
+    model.save(tmp_path / "m.safetensors")
+    back = SearchModel.load(tmp_path / "m.safetensors")
+    np.testing.assert_array_equal(back.down, model.down)
+    np.testing.assert_array_equal(back.up, model.up)
+    assert (back.weights, back.threshold, back.base_fingerprint, back.notes) == \
+        (model.weights, 0.4, embedder.fingerprint, "test")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(VariableIndexError, match="bad.safetensors"):
+        SearchModel.load(tmp_path / "bad.safetensors")
 
 
 def test_abstains_on_questions_about_nothing_in_the_catalogue(index):
@@ -229,3 +272,11 @@ def test_dcid_words():
         "amount economic activity gross domestic production industry mining"
     assert dcid_words("dc/7w0e0p0dzj82g") == ""
     assert np.isfinite(len(dcid_words("indianCensus/Count_Person_Religion_Muslim_Male")))
+
+
+def test_the_embedding_model_setting_names_an_unknown_path(monkeypatch):
+    from models.sentence_embedder import EmbeddingModelError
+
+    monkeypatch.setenv("GEMMA_GROUNDING_EMBEDDING_MODEL", "/no/such/embedding-model")
+    with pytest.raises(EmbeddingModelError, match="/no/such/embedding-model"):
+        VariableIndex.build(CATALOGUE[:2])
