@@ -104,6 +104,15 @@ def accuracy(ranked: list[list[str]], gold: list[str], mask: np.ndarray | None =
     return tuple(sum(g in r[:n] for r, g in rows) / len(rows) for n in (1, 3, 10))
 
 
+def first_view_ranking(index: VariableIndex, vectors: np.ndarray) -> list[list[str]]:
+    """Plain cosine against each variable's first view (its name), best 10; variables without text last."""
+    owner = index.view_owner
+    first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if len(owner) else np.array([], dtype=int)
+    scores = np.full((len(vectors), len(index.docs)), -np.inf, dtype=np.float32)
+    scores[:, owner[first]] = vectors @ index.view_vectors[first].T
+    return [[index.docs[j].dcid for j in np.argsort(-row, kind="stable")[:10]] for row in scores]
+
+
 def fmt(acc) -> str:
     return " | ".join(f"{a:.3f}" for a in acc)
 
@@ -148,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
           f"build or load); queries: {len(rows)} ({tuning.sum()} tuning, {(~tuning).sum()} held out)")
 
     # Baseline: plain cosine between the raw query and SVDesc (the first view of each variable).
-    first_view = np.flatnonzero(np.r_[True, index.view_owner[1:] != index.view_owner[:-1]])
-    raw = cached_embeddings(embedder, [r["Query"] for r in rows], args.cache)
-    cos = raw @ index.view_vectors[first_view].T
-    baseline = [[docs[j].dcid for j in np.argsort(-c)[:10]] for c in cos]
+    baseline = first_view_ranking(index, cached_embeddings(embedder, [r["Query"] for r in rows], args.cache))
 
     phrases, places = zip(*(statistic_phrase(r["Query"], gazetteer) for r in rows), strict=True) if rows else ((), ())
     results = index.search_many(list(phrases), k=10, embeddings=cached_embeddings(embedder, list(phrases), args.cache))
@@ -213,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         sg_phrases = [statistic_phrase(q["Query"], gazetteer)[0] for q in questions]
         sg_ours = [[c.dcid for c in f] for f in sg_index.search_many(sg_phrases, k=10)]
         sg_plain = [[c.dcid for c in f] for f in plain.search_many(sg_phrases, k=10)]
-        first = np.flatnonzero(np.r_[True, sg_index.view_owner[1:] != sg_index.view_owner[:-1]])
-        sg_cos = embedder.encode([q["Query"] for q in questions]) @ sg_index.view_vectors[first].T
-        sg_base = [[sg_docs[j].dcid for j in np.argsort(-c)[:10]] for c in sg_cos]
+        sg_base = first_view_ranking(sg_index, embedder.encode([q["Query"] for q in questions]))
         print(f"\nTable 2: Systema Globalis ({len(sg_docs)} measures), {len(questions)} questions "
               f"(benchmarks/systema_globalis_questions.csv), top-1 | top-3 | top-10")
         print("| method | accuracy |")

@@ -66,7 +66,7 @@ def train_adapter(queries: torch.Tensor, gold: torch.Tensor, views: torch.Tensor
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         print(f"adapter epoch {epoch + 1}/{epochs}: loss {total / len(queries):.4f}", flush=True)
     return down.detach().numpy(), up.detach().numpy()
 
@@ -75,7 +75,7 @@ def fit_fusion(features: list[np.ndarray], labels: list[int]) -> FusionWeights:
     """Ranking weights by softmax over each query's candidates, then Platt scaling of the top score."""
     w = torch.zeros(2, requires_grad=True)
     usable = [(torch.tensor(f, dtype=torch.float32), y) for f, y in zip(features, labels, strict=True) if y >= 0]
-    opt = torch.optim.LBFGS([w], max_iter=200)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -87,8 +87,8 @@ def fit_fusion(features: list[np.ndarray], labels: list[int]) -> FusionWeights:
     w = w.detach()
     top = torch.stack([(f @ w).max() for f, _ in usable])
     right = torch.tensor([float(int((f @ w).argmax()) == y) for f, y in usable])
-    ab = torch.tensor([1.0, 0.0], requires_grad=True)
-    opt = torch.optim.LBFGS([ab], max_iter=200)
+    ab = torch.tensor([1.0, -float(top.mean())], requires_grad=True)
+    opt = torch.optim.LBFGS([ab], max_iter=200, line_search_fn="strong_wolfe")
 
     def platt():
         opt.zero_grad()
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "varsearch")
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--refit-fusion", action="store_true",
+                        help="keep the adapter already in --out and fit only the fusion weights")
     args = parser.parse_args(argv)
 
     from models.sentence_embedder import SentenceEmbedder
@@ -124,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     phrases = [statistic_phrase(r["Query"], gazetteer)[0] for r in rows]
     queries = cached_embeddings(embedder, phrases, args.cache)
     gold = [position[r["SV"]] for r in rows]
-    down, up = train_adapter(torch.tensor(queries), torch.tensor(gold), torch.tensor(index.view_vectors),
-                             torch.tensor(index.view_owner), len(docs), rank=args.rank, epochs=args.epochs)
-    model = SearchModel(down=down, up=up, base_fingerprint=embedder.fingerprint)
+    if args.refit_fusion:
+        model = SearchModel.load(args.out)
+    else:
+        down, up = train_adapter(torch.tensor(queries), torch.tensor(gold), torch.tensor(index.view_vectors),
+                                 torch.tensor(index.view_owner), len(docs), rank=args.rank, epochs=args.epochs)
+        model = SearchModel(down=down, up=up, base_fingerprint=embedder.fingerprint)
     adapted = model.adapt(queries)
     features, labels = [], []
     for phrase, qvec, g in zip(phrases, adapted, gold, strict=True):
@@ -135,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         labels.append(next((j for j, (i, _, _) in enumerate(found) if i == g), -1))
     model.weights = fit_fusion(features, labels)
     model.threshold = 0.5
-    model.notes = (f"all-MiniLM-L6-v2 query adapter rank {args.rank}, {args.epochs} epochs, trained on {len(rows)} "
-                   "tuning-split Data Commons gold queries (split by sha256 of the variable dcid, even = tuning)")
+    if not args.refit_fusion:
+        model.notes = (f"all-MiniLM-L6-v2 query adapter rank {args.rank}, {args.epochs} epochs, trained on {len(rows)} "
+                       "tuning-split Data Commons gold queries (split by sha256 of the variable dcid, even = tuning)")
     model.save(args.out)
     print(f"weights {model.weights.model_dump()}; wrote {args.out}")
     return 0

@@ -115,17 +115,20 @@ def test_scores_are_the_documented_fusion_of_independent_features(plain, embedde
     assert max(found.values(), key=lambda c: c.score).dcid == "Annual_Emissions_Methane"
 
 
-def test_fusion_weights_decide_between_lexical_and_dense(embedder):
+def test_fusion_weights_decide_between_lexical_and_dense(index, embedder):
     # "coal" is one rare word in common with the coal variable; with all the weight on words it wins,
     # with all the weight on meaning the query (about power stations burning fuel) may rank others
     # first. Scores must follow the weights exactly.
     query = "coal"
-    lexical_only = VariableIndex.build(CATALOGUE, embedder=embedder, weights=FusionWeights(dense=0, lexical=10, bias=-5))
+    def with_weights(weights):
+        return VariableIndex(index.docs, index.view_vectors, index.view_owner, embedder, weights=weights)
+
+    lexical_only = with_weights(FusionWeights(dense=0, lexical=10, bias=-5))
     top = lexical_only.search(query, k=2)
     assert top[0].dcid == "Annual_Consumption_Coal" and top[0].lexical_score == 1.0
     assert top[0].score == pytest.approx(1 / (1 + math.exp(-5)), abs=1e-4)
     assert top[1].lexical_score == 0.0 and top[1].score == pytest.approx(1 / (1 + math.exp(5)), abs=1e-4)
-    dense_only = VariableIndex.build(CATALOGUE, embedder=embedder, weights=FusionWeights(dense=10, lexical=0, bias=0))
+    dense_only = with_weights(FusionWeights(dense=10, lexical=0, bias=0))
     ranked = dense_only.search(query, k=len(CATALOGUE))
     assert [c.dense_score for c in ranked] == sorted((c.dense_score for c in ranked), reverse=True)
 
