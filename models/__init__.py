@@ -19,6 +19,7 @@ _EXPORTS = {
     "generate": "generate", "generate_ids": "generate",
     "CheckpointError": "loading", "load_model": "loading",
     "load_tokenizer": "tokenizer", "GemmaTokenizer": "tokenizer",
+    "JumpReLUSAE": "sae", "load_sae": "sae", "Site": "hooks", "Steer": "hooks",
 }
 
 __all__ = sorted(_EXPORTS)
