@@ -114,6 +114,7 @@ def _target(model: nn.Module, site: Site) -> tuple[nn.Module, bool]:
 
 def site_width(model: nn.Module, site: Site) -> int:
     """Width of the activation at ``site``: hidden size, or heads * head_dim for ``att``."""
+    _target(model, site)  # a layer the model does not have is an error here already
     c = decoder_of(model).config
     return c.num_attention_heads * c.head_dim if site.kind == "att" else c.hidden_size
 

@@ -94,11 +94,13 @@ def context_batches(contexts: Iterable[list[int]], batch_size: int) -> Iterator[
 def stream_activations(model, site: Site, batches: Iterable[torch.Tensor], *, bos_id: int) -> Iterator[torch.Tensor]:
     """fp32 ``(tokens, width)`` activations at ``site`` of each batch of contexts, BOS positions left out."""
     device = model.device
-    with torch.inference_mode():
-        for ids in batches:
+    for ids in batches:
+        # no grad mode across the yield: the consumer (training) needs autograd on
+        with torch.no_grad():
             ids = ids.to(device)
             acts = run_to_sites(model, ids, site)[site]
-            yield acts[ids != bos_id].float().cpu()
+            rows = acts[ids != bos_id].float().cpu()
+        yield rows
 
 
 class _Rows:
