@@ -169,6 +169,7 @@ def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float(((x - x_hat) ** 2).sum() / ((x - x.mean(dim=0)) ** 2).sum().clamp_min(1e-30))
 
 
+@torch.no_grad()  # (with grad mode on, the gradient itself would grow an autograd graph step after step)
 def _project_decoder_gradient(w_dec: nn.Parameter) -> None:
     """Remove from each decoder row's gradient its component along the (unit-norm) row."""
     if w_dec.grad is not None:

@@ -183,3 +183,17 @@ def test_bad_training_settings_are_named():
         train_sae(iter([]), 4, TrainConfig(width=8))
     with pytest.raises(ValueError, match=r"must be \(tokens, 4\)"):
         train_sae(iter([torch.zeros(3, 5)]), 4, TrainConfig(width=8))
+
+
+def test_decoder_gradient_projection_builds_no_graph():
+    """The projection runs on every step: done with grad mode on, it chained an autograd graph onto
+    the gradient and memory grew by a batch-by-width tensor a step (seen in the real run)."""
+    from models.sae_train import _project_decoder_gradient
+
+    w = torch.nn.Parameter(torch.randn(8, 5))
+    with torch.no_grad():
+        w /= w.norm(dim=1, keepdim=True)
+    w.grad = torch.randn(8, 5)
+    _project_decoder_gradient(w)
+    assert w.grad.grad_fn is None and not w.grad.requires_grad
+    torch.testing.assert_close((w.grad * w).sum(1), torch.zeros(8), atol=1e-6, rtol=0)
