@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile our decode step")
+    parser.add_argument("--sae-hooks", action="store_true", help="also time decoding with and without SAE hooks")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,6 +119,44 @@ def main() -> None:
     print(f"{'prefill tok/s':14}{args.prompt_len / t_pre_int8:12.1f}{args.prompt_len / t_pre_ref:14.1f}"
           f"{t_pre_ref / t_pre_int8:8.2f}x")
     print(f"{'decode tok/s':14}{dec_int8:12.1f}{dec_ref:14.1f}{dec_int8 / dec_ref:8.2f}x")
+    if args.sae_hooks:
+        report_hook_overhead(ours, prompt, n, args.repeats)
+
+
+def report_hook_overhead(model, prompt, n: int, repeats: int) -> None:
+    """Decode speed of a model never hooked, after a hook context has come and gone (hooks are removed
+    on exit: the speed must not change), and with a steering hook active (its cost), interleaved."""
+    from models import generate_ids
+    from models.hooks import Site, Steer, record, steer
+
+    site = Site("res", model.config.num_hidden_layers // 2)
+    direction = torch.zeros(model.config.hidden_size)
+
+    def decode():
+        return generate_ids(model, prompt, max_new_tokens=n, stop_token_ids=[])
+
+    def steered():
+        with steer(model, Steer(site, direction, 1.0)):
+            return decode()
+
+    def after_hooks():
+        with record(model, site):  # entered and left: nothing may remain
+            pass
+        return decode()
+
+    runs = {"never hooked": decode, "after a record() block": after_hooks, f"steering at {site}": steered}
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):
+            for name, fn in runs.items():
+                t = _timed(fn, 1)
+                if round_:
+                    times[name].append(t)
+    base = statistics.median(times["never hooked"])
+    print(f"SAE hooks ({n} greedy tokens after a {prompt.shape[1]}-token prompt, median of {repeats}):")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {name:28}{n / med:10.1f} tok/s  {base / med:6.2f}x  (spread {min(ts):.2f}-{max(ts):.2f} s)")
 
 
 if __name__ == "__main__":

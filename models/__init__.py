@@ -24,6 +24,7 @@ _EXPORTS = {
     "load_tokenizer": "tokenizer", "GemmaTokenizer": "tokenizer",
     "SafetyGuard": "guard", "GuardResult": "guard", "Policy": "guard", "load_guard": "guard",
     "BertModel": "bert", "SentenceEmbedder": "sentence_embedder", "EmbeddingModelError": "sentence_embedder",
+    "JumpReLUSAE": "sae", "load_sae": "sae", "Site": "hooks", "Steer": "hooks",
 }
 
 __all__ = sorted(_EXPORTS)

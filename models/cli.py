@@ -45,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def register(sub) -> None:
     from .guard_cli import register as register_guard
+    from .sae_cli import register as register_sae
     from .vlm_cli import register as register_vision_language
 
     _register_generate(sub)
     register_vision_language(sub)
     register_guard(sub)
+    register_sae(sub)
 
 
 def _register_generate(sub) -> None:

@@ -69,11 +69,19 @@ def _as_rows(prompts) -> list[list[int]]:
 @torch.inference_mode()
 def stream_ids(model, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None,
-               stop_token_ids: Sequence[int] | None = None) -> Iterator[list[int | None]]:
+               stop_token_ids: Sequence[int] | None = None, steer=None) -> Iterator[list[int | None]]:
     """Yield, step by step, the new token of each row (``None`` for rows that already stopped).
 
     A row stops after emitting a stop token (which is yielded) or after ``max_new_tokens``.
+    ``steer``: a :class:`models.hooks.Steer` (or a list of them) applied during the whole generation.
     """
+    if steer is not None:
+        from .hooks import steer as steering
+
+        with steering(model, steer):
+            yield from stream_ids(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids)
+        return
     rows = _as_rows(prompts)
     _check_settings(max_new_tokens, temperature, top_k, top_p)
     if max_new_tokens == 0:
@@ -124,13 +132,13 @@ def stream_ids(model, prompts, *, max_new_tokens: int = 64, temperature: float =
 
 def generate_ids(model, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
-                 stop_token_ids: Sequence[int] | None = None) -> list[list[int]]:
+                 stop_token_ids: Sequence[int] | None = None, steer=None) -> list[list[int]]:
     """Generate new token ids for each prompt (lists of ids, or a ``(batch, seq)`` tensor without
     padding). Stop tokens are included in the output; prompts are not."""
     rows = _as_rows(prompts)
     outputs: list[list[int]] = [[] for _ in rows]
     for step in stream_ids(model, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, seed=seed, stop_token_ids=stop_token_ids):
+                           top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, steer=steer):
         for out, t in zip(outputs, step, strict=True):
             if t is not None:
                 out.append(t)
@@ -203,20 +211,21 @@ class TextStream:
 def generate(model, tokenizer, prompt: str | Sequence[str], *, chat: bool = False, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop: Sequence[str] | None = None,
-             stop_token_ids: Sequence[int] | None = None, add_bos: bool = True, stream: bool = False):
+             stop_token_ids: Sequence[int] | None = None, add_bos: bool = True, stream: bool = False, steer=None):
     """Generate text.
 
     ``prompt``: one string (returns a string, or an iterator of text pieces with ``stream=True``) or a
     list of strings (returns a list; generated as one batch). ``chat`` wraps the prompt in the Gemma
     chat template. Generation stops at ``stop_token_ids`` (default: the tokenizer's end-of-sequence and
     end-of-turn tokens), at any of the ``stop`` strings (excluded from the output) or after
-    ``max_new_tokens``. ``seed`` makes sampling reproducible.
+    ``max_new_tokens``. ``seed`` makes sampling reproducible. ``steer`` adds SAE feature directions
+    during generation (:class:`models.hooks.Steer`, or a list of them).
     """
     stop = list(stop or [])
     if stop_token_ids is None:
         stop_token_ids = list(getattr(tokenizer, "stop_token_ids", None) or model.config.eos_token_ids)
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                    stop_token_ids=stop_token_ids)
+                    stop_token_ids=stop_token_ids, steer=steer)
     if isinstance(prompt, str):
         ids = [_prompt_ids(tokenizer, prompt, chat, add_bos)]
         pieces = _stream_text(model, tokenizer, ids, stop, settings)
