@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tiny_colpali import hf_colpali, paligemma_tokenizer, save_colpali
 
 from vision_rag.colpali import ColPaliEmbedder
-from vision_rag.lora import AdapterError, LoraAdapter, LoraAdapterConfig, merge_lora
+from models.lora import AdapterError, LoraAdapter, LoraAdapterConfig, merge_lora
 
 ATOL = 1e-5
 QUERIES = ["what is the total", "red circle chart"]
@@ -170,7 +170,7 @@ def test_merge_refuses_inconsistent_adapters():
 
 
 def test_read_adapter_refuses_bad_directories(tmp_path):
-    from vision_rag.lora import read_adapter
+    from models.lora import read_adapter
 
     with pytest.raises(AdapterError, match="adapter_config.json"):
         read_adapter(tmp_path)
