@@ -44,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def register(sub) -> None:
+    from .train_cli import register as register_training
     from .vlm_cli import register as register_vision_language
 
     _register_generate(sub)
     register_vision_language(sub)
+    register_training(sub)
 
 
 def _register_generate(sub) -> None:
