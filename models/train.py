@@ -62,7 +62,7 @@ class TrainSettings(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # the cosine ends at this fraction of learning_rate
     epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)  # optimizer steps; default: every micro-batch of every epoch
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; when set, the data repeat as needed (epochs ignored)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
     max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
     autocast: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
@@ -297,7 +297,7 @@ def _micro_batches(data: Batches, settings: TrainSettings, start: int):
     """``(global index, batch)`` from micro-batch ``start`` on, epoch after epoch."""
     per_epoch = len(data)
     epoch = start // per_epoch
-    while epoch < settings.epochs:
+    while settings.max_steps is not None or epoch < settings.epochs:
         batches = data.epoch(epoch, settings.seed)
         for offset in range(start - epoch * per_epoch, per_epoch):
             yield epoch * per_epoch + offset, batches[offset]
@@ -320,9 +320,6 @@ def train(model: nn.Module, data: Batches, loss_fn: Callable[[nn.Module, Any], t
     if len(data) == 0:
         raise TrainError("no training batches")
     total_steps = settings.max_steps or math.ceil(settings.epochs * len(data) / settings.grad_accum)
-    if settings.max_steps and settings.max_steps * settings.grad_accum > settings.epochs * len(data):
-        raise TrainError(f"max_steps {settings.max_steps} x grad_accum {settings.grad_accum} needs more micro-batches "
-                         f"than {settings.epochs} epoch(s) of {len(data)} hold; raise epochs or lower max_steps")
     device = next(iter(params.values())).device
     optimizer = torch.optim.AdamW(list(params.values()), lr=settings.learning_rate, betas=settings.adam_betas,
                                   eps=settings.adam_eps, weight_decay=settings.weight_decay)
