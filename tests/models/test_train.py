@@ -100,6 +100,16 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tok, examples, tmp_pa
         torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=name)
 
 
+def test_bf16_autocast_trains_close_to_fp32(tok, examples, tmp_path):
+    """The CUDA default (autocast="auto" means bf16 there), run on the CPU: the projections run in bf16, the
+    RoPE tables and the residual stream stay fp32; the losses follow fp32's to bf16 precision."""
+    settings = dict(learning_rate=5e-3, max_steps=3, seed=1)
+    _, fp32 = run(tok, examples, tmp_path / "fp32", TrainSettings(autocast="off", **settings), dropout=0.0)
+    _, bf16 = run(tok, examples, tmp_path / "bf16", TrainSettings(autocast="bf16", **settings), dropout=0.0)
+    assert fp32.losses != bf16.losses  # bf16 arithmetic did happen
+    torch.testing.assert_close(torch.tensor(bf16.losses), torch.tensor(fp32.losses), atol=0.05, rtol=0)
+
+
 def test_schedule_warm_up_then_cosine():
     s = TrainSettings(learning_rate=1.0, warmup_steps=4, min_lr_ratio=0.1)
     lrs = [learning_rate_at(step, s, total_steps=14) for step in range(14)]
