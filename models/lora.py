@@ -228,14 +228,21 @@ def merge_lora(state: dict[str, torch.Tensor], adapter: LoraAdapter,
                                f"weight {key} is {tuple(weight.shape)}")
         merged[key] = (weight.to(torch.float32) + delta).to(weight.dtype)
     for name, tensor in replacements.items():
-        key = rename(name)
-        if key not in merged:
-            raise AdapterError(f"{source}: the adapter replaces {name}, but the base checkpoint has no {key}")
-        if tuple(tensor.shape) != tuple(merged[key].shape):
-            raise AdapterError(f"{source}: {name} has shape {tuple(tensor.shape)}, the base {key} "
-                               f"{tuple(merged[key].shape)}")
+        key = _replaced_key(source, name, tensor, merged, rename, "the base checkpoint")
         merged[key] = tensor.to(merged[key].dtype)
     return merged
+
+
+def _replaced_key(source: str, name: str, tensor: torch.Tensor, targets: dict, rename: Callable[[str], str],
+                  where: str) -> str:
+    """The key in ``targets`` that an adapter's full tensor ``name`` replaces (checked: present, same shape)."""
+    key = rename(name)
+    if key not in targets:
+        raise AdapterError(f"{source}: the adapter replaces {name}, but {where} has no {key}")
+    if tuple(tensor.shape) != tuple(targets[key].shape):
+        raise AdapterError(f"{source}: {name} has shape {tuple(tensor.shape)}, {where}'s {key} "
+                           f"{tuple(targets[key].shape)}")
+    return key
 
 
 # -- LoRA modules -----------------------------------------------------------------------------------------
@@ -450,12 +457,7 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike | LoraAdapter, *, 
         _set_module(model, name, lora)
     trainable_modules = set()
     for pname, tensor in replacements.items():
-        key = rename(pname)
-        if key not in params:
-            raise AdapterError(f"{source}: the adapter replaces {pname}, but the model has no parameter {key}")
-        if tuple(tensor.shape) != tuple(params[key].shape):
-            raise AdapterError(f"{source}: {pname} has shape {tuple(tensor.shape)}, the model's {key} "
-                               f"{tuple(params[key].shape)}")
+        key = _replaced_key(source, pname, tensor, params, rename, "the model")
         with torch.no_grad():
             params[key].copy_(tensor)
         params[key].requires_grad_(True)
