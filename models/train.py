@@ -342,6 +342,9 @@ def train(model: nn.Module, data: Batches, loss_fn: Callable[[nn.Module, Any], t
         resumed_from = str(checkpoint)
         log.write(event="resume", step=step, checkpoint=resumed_from)
     else:
+        if latest_checkpoint(out_dir) is not None:  # never overwrite the checkpoints of another run
+            raise TrainError(f"{out_dir} holds checkpoints of an earlier run; resume it (resume=True, --resume) "
+                             "or train into another directory")
         torch.manual_seed(settings.seed)  # dropout masks: the same run for the same seed
         log.path.unlink(missing_ok=True)
         log.write(event="start", total_steps=total_steps, micro_batches_per_epoch=len(data),

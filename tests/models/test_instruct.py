@@ -46,7 +46,7 @@ def test_instar_row_is_the_chat_template_with_a_loss_on_the_answer_only(tok):
     text = ("<start_of_turn>user\nanswer in one word\n\nwhat is the colour of the sky?\n\nblue or green<end_of_turn>\n"
             "<start_of_turn>model\nblue.<end_of_turn>\n")
     assert text == tok.apply_chat_template(row_messages(row), add_generation_prompt=False)
-    assert example.ids == tok.encode(text)  # the tokens of the whole text, <bos> first
+    assert list(example.ids) == tok.encode(text)  # the tokens of the whole text, <bos> first
     assert labelled_text(tok, example) == ["blue.<end_of_turn>"]
 
 
@@ -112,8 +112,8 @@ def test_packing_and_batches(tok):
     examples = [encode_chat(tok, row_messages(r)) for r in instruction_rows(9)]
     packed = pack_examples(examples, max_len=70)
     assert all(len(row.ids) <= 70 for row in packed) and len(packed) < len(examples)
-    assert sum((row.ids for row in packed), []) == sum((e.ids for e in examples), [])  # whole examples, in order
-    assert sum((row.labels for row in packed), []) == sum((e.labels for e in examples), [])
+    assert [t for row in packed for t in row.ids] == [t for e in examples for t in e.ids]  # whole, in order
+    assert [t for row in packed for t in row.labels] == [t for e in examples for t in e.labels]
 
     batches = InstructionBatches(examples, batch_size=4, pad_id=tok.pad_id)
     epoch0, again, epoch1 = batches.epoch(0, seed=3), batches.epoch(0, seed=3), batches.epoch(1, seed=3)
@@ -149,4 +149,4 @@ def test_arabic_round_trips_through_the_real_tokenizer(gemma3_270m_tokenizer):
         assert labelled_text(tok, example) == [f"{answer}<end_of_turn>"]
         text = tok.apply_chat_template(messages, add_generation_prompt=False)
         assert tok.decode(example.ids, skip_special_tokens=False) == "<bos>" + text
-        assert example.ids == tok.encode(text)
+        assert list(example.ids) == tok.encode(text)

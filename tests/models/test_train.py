@@ -68,6 +68,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tok, examples, tmp_path
         run(tok, examples, tmp_path / "other", changed, resume=tmp_path / "full" / "checkpoints" / "step-000003")
     with pytest.raises(TrainError, match="no checkpoint"):
         run(tok, examples, tmp_path / "empty", settings, resume=True)
+    with pytest.raises(TrainError, match="earlier run"):  # a fresh start never overwrites checkpoints
+        run(tok, examples, tmp_path / "full", settings)
 
 
 def test_accumulation_equals_the_large_batch(tok, examples, tmp_path):
