@@ -263,6 +263,10 @@ class ColPaliEmbedder:
                    source=str(base.resolve()), adapter=str(adapter_dir.resolve()) if adapter_dir else None)
 
     # -- facts about the model ----------------------------------------------------------------------------
+    def weights_changed(self) -> None:
+        """Forget the cached :attr:`model_id` after the model's weights changed in place (training)."""
+        self._model_id = None
+
     @property
     def model_id(self) -> str:
         if self._model_id is None:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel
 
-from models.lora import LoraSettings, add_lora, save_adapter
+from models.lora import LoraSettings, add_lora, merge_lora_modules, save_adapter
 from models.train import TrainResult, TrainSettings, train
 
 from .colpali import ColPaliEmbedder, ColPaliSettings
@@ -277,7 +277,7 @@ def train_retriever(base: str | os.PathLike, pairs: str | os.PathLike, out_dir: 
     and logs go to ``out_dir``. ``lora`` defaults to the paper's r = alpha = 32, dropout 0.1 on the
     language model; its ``targets`` and ``trainable`` are set from ``projection``. ``recall``: measure
     recall@1/5 on the evaluation pairs (or the training pairs) before and after training. ``embedder``
-    (already loaded from ``base``) skips loading it again."""
+    (already loaded from ``base``) skips loading it again; it ends up holding the trained model (LoRA merged)."""
     if loss not in LOSSES:
         raise RetrieverTrainingError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if projection not in ("full", "lora"):
@@ -310,6 +310,10 @@ def train_retriever(base: str | os.PathLike, pairs: str | os.PathLike, out_dir: 
 
     result = train(model, batches, _loss_function(embedder, loss, temperature), out_dir, settings_,
                    eval_data=eval_batches, export=export, resume=resume)
+    # The embedder now holds the trained model, merged as ColPaliEmbedder.load(base, adapter) merges it, and
+    # its model id (what an index records) is computed afresh.
+    merge_lora_modules(model)
+    embedder.weights_changed()
     recall_after = retrieval_recall(embedder, recall_pairs) if recall else None
     return RetrieverTrainResult(out_dir=str(out_dir), pairs=report, eval_pairs=eval_report,
                                 recall_before=recall_before, recall_after=recall_after, lora_modules=len(names),

@@ -141,6 +141,7 @@ def test_hard_negatives_with_lora_on_the_projection(corpus, tmp_path):
     the adapter merged at load time give the same embeddings."""
     base, pairs = corpus
     embedder = ColPaliEmbedder.load(base)
+    base_id = embedder.model_id
     result = train_retriever(base, pairs, tmp_path / "out", loss="hard-negative", projection="lora",
                              lora=LoraSettings(r=4, alpha=8), batch_size=4, embedder=embedder, recall=False,
                              train_settings=TrainSettings(learning_rate=1e-2, max_steps=4, max_grad_norm=None))
@@ -152,6 +153,7 @@ def test_hard_negatives_with_lora_on_the_projection(corpus, tmp_path):
     keys = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert "base_model.model.custom_text_proj.lora_A.weight" in keys  # vidore's names
     assert "base_model.model.model.language_model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
+    assert embedder.model_id != base_id  # the in-process embedder knows its weights changed
     queries = ["the red page", "the grey page"]
     for got, want in zip(loaded.embed_queries(queries), embedder.embed_queries(queries), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
