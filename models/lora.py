@@ -293,6 +293,7 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train(base.training)  # an adapter added to a model in eval mode must not start dropping out
         with torch.no_grad():
             bound = 1.0 / math.sqrt(self.in_features)
             init = torch.rand(self.lora_A.weight.shape, generator=generator, dtype=torch.float32) * 2 - 1

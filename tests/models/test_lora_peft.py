@@ -122,6 +122,10 @@ def test_our_adapter_loads_in_peft_and_merges(pair, tmp_path):
     assert not lora_modules(ours) and all(type(m) is not LoraLinear for m in ours.modules())
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), expected, atol=MERGED_ATOL, rtol=0)
+    unmerged = load_model(directory)  # in eval mode: the loaded adapter's dropout (0.1) must stay off
+    load_adapter(unmerged, tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(unmerged(ids), expected, atol=ATOL, rtol=0)
     merged = load_model(directory)
     load_adapter(merged, tmp_path / "ours", merge=True)
     with torch.no_grad():
