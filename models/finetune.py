@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel
 from torch import nn
 
@@ -37,7 +38,7 @@ class FinetuneResult(BaseModel):
     training: TrainResult
 
 
-def lm_batch_loss(model: nn.Module, batch: dict) -> object:
+def lm_batch_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """The loop's loss function: summed next-token loss over a micro-batch's labelled positions."""
     device = model.device
     return causal_lm_loss(model, batch["input_ids"].to(device), batch["labels"].to(device))[0]
@@ -50,6 +51,9 @@ def finetune(model: nn.Module, tokenizer: GemmaTokenizer, data: str | os.PathLik
     """LoRA instruction tuning of a Gemma decoder (see the module docstring). ``base_model`` is recorded in
     the adapter config (``base_model_name_or_path``)."""
     settings = train_settings or TrainSettings()
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and max_len > context:
+        raise ValueError(f"max_len {max_len} exceeds the model's context of {context} tokens")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     examples, report = load_instructions(data, tokenizer, max_len)
