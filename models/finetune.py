@@ -45,14 +45,16 @@ def lm_batch_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def finetune(model: nn.Module, tokenizer: GemmaTokenizer, data: str | os.PathLike, out_dir: str | os.PathLike, *,
-             lora: LoraSettings | None = None, train_settings: TrainSettings | None = None, max_len: int = 512,
+             lora: LoraSettings | None = None, train_settings: TrainSettings | None = None, max_len: int | None = None,
              batch_size: int = 4, pack: bool = False, eval_data: str | os.PathLike | None = None,
              eval_fraction: float = 0.0, base_model: str | None = None, resume: bool = False) -> FinetuneResult:
-    """LoRA instruction tuning of a Gemma decoder (see the module docstring). ``base_model`` is recorded in
-    the adapter config (``base_model_name_or_path``)."""
+    """LoRA instruction tuning of a Gemma decoder (see the module docstring). ``max_len`` (default: 512 or the
+    model's context if shorter) bounds an example in tokens; longer rows are skipped and reported.
+    ``base_model`` is recorded in the adapter config (``base_model_name_or_path``)."""
     settings = train_settings or TrainSettings()
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if context is not None and max_len > context:
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 512
+    max_len = max_len or min(512, context)
+    if max_len > context:
         raise ValueError(f"max_len {max_len} exceeds the model's context of {context} tokens")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

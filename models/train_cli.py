@@ -62,7 +62,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (adapter, logs, checkpoints)")
     p.add_argument("--eval-data", default=None, help="held-out data file (default: --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out (default 0.05)")
-    p.add_argument("--max-len", type=int, default=512, help="longest example in tokens; longer rows are skipped")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="longest example in tokens (default 512, or the model's context if shorter); longer rows "
+                        "are skipped")
     p.add_argument("--pack", action="store_true", help="pack several examples into each row of --max-len tokens")
     p.add_argument("--targets", default=None,
                    help="comma-separated module names for LoRA (default q,k,v,o,gate,up,down projections)")
