@@ -131,7 +131,9 @@ def attention_reference(q, k, v, *, scale: float | None = None, causal: bool = T
     mask = visible_mask(batch, q_len, kv_len, device=q.device, causal=causal, window=window,
                         prefix_lens=prefix_lens, q_offset=q_offset, kv_lens=kv_lens)
     mask = mask[:, :, None]  # (B, 1, 1, Lq, Lk)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    # The dtype's lowest value rather than -inf: a query that sees no key then gets a finite (uniform)
+    # softmax that the next line zeroes, so autograd through it gives zero gradients, never NaN.
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where(mask.any(-1, keepdim=True), probs, torch.zeros((), dtype=probs.dtype, device=q.device))
     out = torch.matmul(probs.view(batch, kv_heads, group * q_len, kv_len), v.float())
@@ -323,7 +325,7 @@ if triton is not None:
 
     @triton.jit
     def _prefill_kernel(
-        Q, K, V, OUT, Q_OFFSET, KV_LENS, PREFIX,
+        Q, K, V, OUT, LSE, Q_OFFSET, KV_LENS, PREFIX,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -334,9 +336,12 @@ if triton is not None:
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_PREFIX: tl.constexpr, FP32: tl.constexpr,
         ROWS_Q_OFFSET: tl.constexpr, ROWS_KV_LENS: tl.constexpr, ROWS_PREFIX: tl.constexpr,
+        STORE_LSE: tl.constexpr = False,
     ):
         """One program: BLOCK_M queries of one (row, query head), streaming its KV head's keys in
-        BLOCK_N tiles with an online softmax (FlashAttention-2 forward)."""
+        BLOCK_N tiles with an online softmax (FlashAttention-2 forward). With ``STORE_LSE`` it also
+        writes each query's base-2 log-sum-exp of scores to ``LSE`` ``(batch * q_heads, q_len)`` fp32
+        (+inf for a query that sees no key), which the backward kernels need."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // q_heads
@@ -390,6 +395,9 @@ if triton is not None:
         out = acc / l_safe[:, None]
         o_ptrs = OUT + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+        if STORE_LSE:
+            lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("inf"))
+            tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=m_valid)
 
 else:  # pragma: no cover
     _prefill_kernel = None
@@ -416,37 +424,55 @@ def _prefill_config(head_dim_block: int, on_gpu: bool, fp32: bool = False) -> di
 
 def attention_prefill_triton(q, k, v, *, scale=None, causal=True, window=None, softcap=None,
                              prefix_lens=None, q_offset=0, kv_lens=None) -> torch.Tensor:
-    """The FlashAttention-2-style Triton kernel for any ``q_len`` (same arguments as the reference)."""
+    """The FlashAttention-2-style Triton kernel for any ``q_len`` (same arguments as the reference).
+
+    Differentiable: when autograd needs gradients of ``q``, ``k`` or ``v`` the forward also keeps each
+    query's log-sum-exp and the backward runs the two Triton backward kernels (section below).
+    """
     validate_kernel_args(q, k, v, window=window, softcap=softcap, prefix_lens=prefix_lens,
                          q_offset=q_offset, kv_lens=kv_lens)
+    kwargs = dict(scale=scale, causal=causal, window=window, softcap=softcap, prefix_lens=prefix_lens,
+                  q_offset=q_offset, kv_lens=kv_lens)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _PrefillAttention.apply(q, k, v, kwargs)
+    return _prefill_forward(q, k, v, **kwargs)[0]
+
+
+def _prefill_forward(q, k, v, *, scale, causal, window, softcap, prefix_lens, q_offset, kv_lens,
+                     store_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the prefill kernel on validated arguments; ``(out, lse or None)``."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
+    lse = torch.empty((batch * q_heads, q_len), dtype=torch.float32, device=q.device) if store_lse else None
     if q_len == 0 or batch == 0:
-        return out
+        return out, lse
     rows = _row_args(q, k, prefix_lens, q_offset, kv_lens)
     flags = _kernel_flags(causal, window, softcap, prefix_lens, scale, head_dim)
     block_d = max(triton.next_power_of_2(head_dim), MIN_HEAD_DIM)
     config = _prefill_config(block_d, q.is_cuda, fp32=q.dtype == torch.float32)
     grid = (triton.cdiv(q_len, config["BLOCK_M"]), batch * q_heads)
     _prefill_kernel[grid](
-        q, k, v, out, rows.pop("Q_OFFSET"), rows.pop("KV_LENS"), rows.pop("PREFIX"),
+        q, k, v, out, out if lse is None else lse, rows.pop("Q_OFFSET"), rows.pop("KV_LENS"), rows.pop("PREFIX"),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         q_len, kv_len, q_heads, q_heads // kv_heads, flags.pop("qk_scale"), flags.pop("softcap_log2"),
         flags.pop("window"), rows.pop("q_offset_all"), rows.pop("kv_lens_all"), rows.pop("prefix_all"),
         HEAD_DIM=head_dim, BLOCK_D=block_d, FP32=q.dtype == torch.float32, **flags, **rows, **config,
+        STORE_LSE=store_lse,
     )
-    return out
+    return out, lse
 
 
 def attention_triton(q, k, v, *, scale=None, causal=True, window=None, softcap=None, prefix_lens=None,
                      q_offset=0, kv_lens=None) -> torch.Tensor:
-    """The Triton path: the split-K decode kernel for one query per row, the prefill kernel otherwise."""
+    """The Triton path: the split-K decode kernel for one query per row (inference), the prefill kernel
+    otherwise (and whenever gradients are needed)."""
     kwargs = dict(scale=scale, causal=causal, window=window, softcap=softcap, prefix_lens=prefix_lens,
                   q_offset=q_offset, kv_lens=kv_lens)
     validate_kernel_args(q, k, v, window=window, softcap=softcap, prefix_lens=prefix_lens,
                          q_offset=q_offset, kv_lens=kv_lens)
-    if q.shape[2] == 1:
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.shape[2] == 1 and not needs_grad:
         from .decode import decode_attention_triton  # decode.py builds on this module
 
         return decode_attention_triton(q, k, v, **kwargs)
@@ -454,3 +480,244 @@ def attention_triton(q, k, v, *, scale=None, causal=True, window=None, softcap=N
 
 
 _attention_triton = attention_triton
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward (FlashAttention-2): gradients of the prefill kernel
+# ---------------------------------------------------------------------------------------------------
+#
+# With p = softmax(sigma) over visible keys, sigma = z * scale (z = q.k) or cap * tanh(z * scale / cap)
+# with softcap, out = p v, and the forward's log-sum-exp per query (so p is recomputed tile by tile,
+# never stored):
+#   dv_j = sum_i p_ij do_i        dp_ij = do_i . v_j        delta_i = sum_j p_ij dp_ij = do_i . out_i
+#   dsigma_ij = p_ij (dp_ij - delta_i)
+#   dz_ij = dsigma_ij * scale * (1 - tanh^2)   (softcap; tanh = sigma / cap), else dsigma_ij * scale
+#   dq_i = sum_j dz_ij k_j        dk_j = sum_i dz_ij q_i  (summed over the query heads sharing the KV head)
+# One kernel owns a tile of keys of one KV head (dk, dv; loops over the group's query heads and the
+# queries that can see the tile); the other owns a tile of queries (dq; loops over the keys it sees).
+
+
+def _backward_config(head_dim_block: int, on_gpu: bool, fp32: bool = False) -> dict:
+    """Tiles of the backward kernels. Each program holds two key tiles, two query tiles and two fp32
+    accumulators, so the tiles are smaller than the forward's; under the interpreter 32x32 as there."""
+    if not on_gpu or fp32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1) if on_gpu else dict(BLOCK_M=32, BLOCK_N=32)
+    if head_dim_block <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if head_dim_block <= 128:
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, FP32: tl.constexpr):
+        if FP32:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _query_range(n_first, n_last, q_offset, q_len, prefix, window, CAUSAL: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr):
+        """Query indices ``[lo, hi)`` that can see any key at positions ``n_first..n_last`` (the
+        inverse of :func:`_key_range`)."""
+        lo = q_offset * 0
+        hi = q_len + lo
+        if CAUSAL:
+            lo = tl.maximum(n_first - q_offset, 0)  # key j is seen from position j on
+            if HAS_WINDOW:
+                hi = tl.minimum(hi, n_last + window - q_offset)  # ... until position j + window - 1
+            if HAS_PREFIX:
+                # prefix queries see every prefix key
+                lo = tl.where(n_first < prefix, 0, lo)
+                hi = tl.where(n_first < prefix, tl.maximum(hi, tl.minimum(prefix - q_offset, q_len)), hi)
+        elif HAS_WINDOW:
+            hi = tl.minimum(hi, n_last + window - q_offset)
+        return lo, hi
+
+    @triton.jit
+    def _score_grad(s, p, dp, delta, sm_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr):
+        """d loss / d(q.k) from base-2 scores ``s``, probabilities ``p`` and ``dp = do . v``."""
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            t = s / softcap_log2  # tanh(z * scale / cap)
+            ds = ds * (1.0 - t * t)
+        return ds * sm_scale
+
+    @triton.jit
+    def _prefill_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, Q_OFFSET, KV_LENS, PREFIX,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_om, stride_od,
+        stride_gb, stride_gh, stride_gn, stride_gd,
+        q_len, kv_len_total, q_heads, kv_heads, group, qk_scale, softcap_log2, sm_scale, window,
+        q_offset_all, kv_lens_all, prefix_all,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HAS_PREFIX: tl.constexpr, FP32: tl.constexpr,
+        ROWS_Q_OFFSET: tl.constexpr, ROWS_KV_LENS: tl.constexpr, ROWS_PREFIX: tl.constexpr,
+    ):
+        """One program: dk and dv of BLOCK_N keys of one (row, KV head). ``stride_o*`` are dO's strides,
+        ``stride_g*`` dK's and dV's (allocated alike)."""
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // kv_heads
+        kv_h = pid_bh % kv_heads
+        b64, kv_h64 = b.to(tl.int64), kv_h.to(tl.int64)
+        q_offset, kv_len, prefix = _row_values(Q_OFFSET, KV_LENS, PREFIX, b, q_offset_all, kv_lens_all, prefix_all,
+                                               kv_len_total, ROWS_Q_OFFSET, ROWS_KV_LENS, ROWS_PREFIX)
+        n_first = pid_n * BLOCK_N
+        offs_n = n_first + tl.arange(0, BLOCK_N)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < HEAD_DIM
+        n_valid = offs_n < kv_len
+        kv_mask = d_valid[:, None] & n_valid[None, :]
+        k_t = tl.load(K + b64 * stride_kb + kv_h64 * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                      mask=kv_mask, other=0.0)
+        v_t = tl.load(V + b64 * stride_vb + kv_h64 * stride_vh + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                      mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        n_last = tl.minimum(n_first + BLOCK_N, kv_len) - 1
+        lo, hi = _query_range(n_first, n_last, q_offset, q_len, prefix, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
+        hi = tl.where(n_first < kv_len, hi, lo)  # a tile of padding keys: no gradient
+        for g in range(group):
+            h64 = (kv_h * group + g).to(tl.int64)
+            row = (b64 * q_heads + h64) * q_len
+            q_base = Q + b64 * stride_qb + h64 * stride_qh + offs_d[None, :] * stride_qd
+            do_base = DO + b64 * stride_ob + h64 * stride_oh + offs_d[None, :] * stride_od
+            for start_m in range(lo, hi, BLOCK_M):
+                offs_m = start_m + offs_m0
+                m_valid = offs_m < hi
+                q_mask = m_valid[:, None] & d_valid[None, :]
+                q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=q_mask, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_om, mask=q_mask, other=0.0)
+                lse = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf"))
+                delta = tl.load(DELTA + row + offs_m, mask=m_valid, other=0.0)
+                s = _scores(q, k_t, qk_scale, softcap_log2, HAS_SOFTCAP, FP32)
+                visible = _visible((q_offset + offs_m)[:, None], offs_n[None, :], kv_len, prefix, window, CAUSAL,
+                                   HAS_WINDOW, HAS_PREFIX) & m_valid[:, None]
+                p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+                dv += _dot(tl.trans(p.to(do.dtype)), do, FP32)
+                dp = _dot(do, v_t, FP32)
+                ds = _score_grad(s, p, dp, delta, sm_scale, softcap_log2, HAS_SOFTCAP)
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32)
+        out_mask = n_valid[:, None] & d_valid[None, :]
+        g_off = b64 * stride_gb + kv_h64 * stride_gh + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
+        tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=out_mask)
+        tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _prefill_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, Q_OFFSET, KV_LENS, PREFIX,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_om, stride_od,
+        stride_gb, stride_gh, stride_gm, stride_gd,
+        q_len, kv_len_total, q_heads, group, qk_scale, softcap_log2, sm_scale, window,
+        q_offset_all, kv_lens_all, prefix_all,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HAS_PREFIX: tl.constexpr, FP32: tl.constexpr,
+        ROWS_Q_OFFSET: tl.constexpr, ROWS_KV_LENS: tl.constexpr, ROWS_PREFIX: tl.constexpr,
+    ):
+        """One program: dq of BLOCK_M queries of one (row, query head), over the keys they see."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // q_heads
+        h = pid_bh % q_heads
+        kv_h = h // group
+        b64, h64, kv_h64 = b.to(tl.int64), h.to(tl.int64), kv_h.to(tl.int64)
+        q_offset, kv_len, prefix = _row_values(Q_OFFSET, KV_LENS, PREFIX, b, q_offset_all, kv_lens_all, prefix_all,
+                                               kv_len_total, ROWS_Q_OFFSET, ROWS_KV_LENS, ROWS_PREFIX)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < HEAD_DIM
+        m_valid = offs_m < q_len
+        q_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=q_mask, other=0.0)
+        do = tl.load(DO + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                     mask=q_mask, other=0.0)
+        row = (b64 * q_heads + h64) * q_len
+        lse = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf"))
+        delta = tl.load(DELTA + row + offs_m, mask=m_valid, other=0.0)
+        first_pos = q_offset + pid_m * BLOCK_M
+        last_pos = q_offset + tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
+        lo, hi = _key_range(first_pos, last_pos, kv_len, prefix, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
+        k_base = K + b64 * stride_kb + kv_h64 * stride_kh + offs_d[:, None] * stride_kd
+        v_base = V + b64 * stride_vb + kv_h64 * stride_vh + offs_d[:, None] * stride_vd
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            kv_mask = d_valid[:, None] & (offs_n < hi)[None, :]
+            k_t = tl.load(k_base + offs_n[None, :] * stride_kn, mask=kv_mask, other=0.0)
+            v_t = tl.load(v_base + offs_n[None, :] * stride_vn, mask=kv_mask, other=0.0)
+            s = _scores(q, k_t, qk_scale, softcap_log2, HAS_SOFTCAP, FP32)
+            visible = _visible((q_offset + offs_m)[:, None], offs_n[None, :], kv_len, prefix, window, CAUSAL,
+                               HAS_WINDOW, HAS_PREFIX) & m_valid[:, None]
+            p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+            dp = _dot(do, v_t, FP32)
+            ds = _score_grad(s, p, dp, delta, sm_scale, softcap_log2, HAS_SOFTCAP)
+            dq += _dot(ds.to(q.dtype), tl.trans(k_t), FP32)
+        g_ptrs = DQ + b64 * stride_gb + h64 * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd
+        tl.store(g_ptrs, dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+else:  # pragma: no cover
+    _prefill_bwd_dkdv_kernel = _prefill_bwd_dq_kernel = None
+
+
+def _prefill_backward(q, k, v, out, lse, dout, *, scale, causal, window, softcap, prefix_lens, q_offset,
+                      kv_lens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` from the forward's output and log-sum-exp (arguments already validated)."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if q_len == 0 or batch == 0:
+        return dq.zero_(), dk, dv
+    delta = (dout.float() * out.float()).sum(-1).reshape(batch * q_heads, q_len).contiguous()
+    sm_scale = head_dim ** -0.5 if scale is None else float(scale)
+    block_d = max(triton.next_power_of_2(head_dim), MIN_HEAD_DIM)
+    fp32 = q.dtype == torch.float32
+    config = _backward_config(block_d, q.is_cuda, fp32=fp32)
+    shared = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, FP32=fp32, **config)
+
+    def launch(kernel, grid, grads, sizes):
+        rows = _row_args(q, k, prefix_lens, q_offset, kv_lens)
+        flags = _kernel_flags(causal, window, softcap, prefix_lens, scale, head_dim)
+        kernel[grid](
+            q, k, v, dout, lse, delta, *grads, rows.pop("Q_OFFSET"), rows.pop("KV_LENS"), rows.pop("PREFIX"),
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *grads[0].stride(),
+            *sizes, flags.pop("qk_scale"), flags.pop("softcap_log2"), sm_scale, flags.pop("window"),
+            rows.pop("q_offset_all"), rows.pop("kv_lens_all"), rows.pop("prefix_all"), **flags, **rows, **shared)
+
+    if dk.stride() != dv.stride():  # one set of strides serves both in the kernel
+        dv = torch.empty_like(dk).zero_()
+    launch(_prefill_bwd_dkdv_kernel, (triton.cdiv(kv_len, config["BLOCK_N"]), batch * kv_heads), (dk, dv),
+           (q_len, kv_len, q_heads, kv_heads, q_heads // kv_heads))
+    launch(_prefill_bwd_dq_kernel, (triton.cdiv(q_len, config["BLOCK_M"]), batch * q_heads), (dq,),
+           (q_len, kv_len, q_heads, q_heads // kv_heads))
+    return dq, dk, dv
+
+
+class _PrefillAttention(torch.autograd.Function):
+    """The prefill kernel with its Triton backward (row arguments and flags are not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kwargs):
+        out, lse = _prefill_forward(q, k, v, store_lse=True, **kwargs)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kwargs = kwargs
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _prefill_backward(q, k, v, out, lse, dout, **ctx.kwargs)
+        return dq, dk, dv, None

@@ -46,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 def register(sub) -> None:
     from .guard_cli import register as register_guard
     from .sae_cli import register as register_sae
+    from .train_cli import register as register_training
     from .vlm_cli import register as register_vision_language
 
     _register_generate(sub)
     register_vision_language(sub)
     register_guard(sub)
     register_sae(sub)
+    register_training(sub)
 
 
 def _register_generate(sub) -> None:

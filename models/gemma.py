@@ -125,6 +125,8 @@ class Attention(nn.Module):
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if q.dtype != v.dtype:  # autocast: bf16 projections, RoPE tables in the fp32 residual's dtype
+            q, k = q.to(v.dtype), k.to(v.dtype)
         if ctx.use_cache:
             k, v = self.cache.update(ctx.start, k, v, ctx.kv_used)
         out = attention(q, k, v, scale=self.scale, causal=ctx.causal, window=self.window,

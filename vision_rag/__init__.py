@@ -4,7 +4,8 @@ MaxSim rescoring, and similarity maps.
 Public API: :class:`Index` (``open`` / ``add`` / ``delete`` / ``update`` / ``search`` / ``commit``),
 :class:`PageRecord`, :class:`Page`, :class:`Hit`, :class:`SearchFilter`, :func:`index_paths` with its
 :class:`IngestReport`, :func:`maxsim` / :func:`maxsim_packed` / :func:`top_k`, :func:`similarity_maps`
-and :func:`save_similarity_maps`; the embedder :class:`ColPaliEmbedder` (with :class:`ColPaliSettings`). Submodules import lazily so ``import vision_rag`` stays cheap.
+and :func:`save_similarity_maps`; the embedder :class:`ColPaliEmbedder` (with :class:`ColPaliSettings`);
+:func:`train_retriever` (fine-tuning on query/page pairs). Submodules import lazily so ``import vision_rag`` stays cheap.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ _EXPORTS = {
     "maxsim": "scoring", "maxsim_packed": "scoring", "pack_pages": "scoring", "top_k": "scoring",
     "similarity_maps": "simmap", "save_similarity_maps": "simmap",
     "ColPaliEmbedder": "colpali", "ColPaliSettings": "colpali", "load_colpali": "colpali",
+    "train_retriever": "retriever_training",
 }
 
 __all__ = sorted(_EXPORTS)

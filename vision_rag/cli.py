@@ -64,6 +64,8 @@ def _model_options(parser, required: bool) -> None:
 
 
 def register(sub) -> None:
+    from .train_cli import register as register_training
+
     p = sub.add_parser("index", help="add PDFs, images and directories to a ColPali page index",
                        description="Exit status: 0 when the files were indexed (unreadable ones among them are "
                                    "reported and skipped), 1 when every file failed, 2 bad input or settings.")
@@ -103,6 +105,7 @@ def register(sub) -> None:
                    help="a map for every query token (default: the query's own words, not <bos>/prefix/pads)")
     _model_options(p, required=False)
     p.set_defaults(func=_cmd_explain)
+    register_training(sub)
 
 
 # -- model loading shared by the commands ---------------------------------------------------------------------------

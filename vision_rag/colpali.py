@@ -14,7 +14,7 @@ Checkpoints load from three sources: a merged checkpoint as colpali-engine saves
 ``custom_text_proj``, a PaliGemma ``config.json``), one as transformers' ``ColPaliForRetrieval`` saves it
 (``vlm.*`` + ``embedding_proj_layer``, a ``colpali`` config.json with ``vlm_config``), and a base
 checkpoint plus a PEFT LoRA adapter directory, merged into the weights at load time
-(:mod:`vision_rag.lora`).
+(:mod:`models.lora`).
 
 :attr:`ColPaliEmbedder.model_id` fingerprints the weights (after merging) and the input settings, so an
 index can refuse vectors from a different model.
@@ -35,10 +35,9 @@ from torch import nn
 
 from models.image import ImageProcessing, ImageSource, preprocess
 from models.loading import CheckpointError, assign_weights, read_hf_config, read_safetensors, resolve_dtype
+from models.lora import is_adapter_dir, merge_lora, read_adapter
 from models.paligemma import PaliGemma, PaliGemmaConfig, normalize_checkpoint_keys
 from models.tokenizer import GemmaTokenizer, load_tokenizer
-
-from .lora import is_adapter_dir, merge_lora, read_adapter
 
 __all__ = ["ColPaliError", "ColPaliSettings", "ColPali", "ColPaliEmbedder", "load_colpali", "EmbedderRecord",
            "write_embedder_record", "read_embedder_record",
@@ -264,6 +263,10 @@ class ColPaliEmbedder:
                    source=str(base.resolve()), adapter=str(adapter_dir.resolve()) if adapter_dir else None)
 
     # -- facts about the model ----------------------------------------------------------------------------
+    def weights_changed(self) -> None:
+        """Forget the cached :attr:`model_id` after the model's weights changed in place (training)."""
+        self._model_id = None
+
     @property
     def model_id(self) -> str:
         if self._model_id is None:

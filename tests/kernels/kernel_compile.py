@@ -21,6 +21,8 @@ import kernels.rglru as rglru  # noqa: E402
 
 INT_ARGS = {"q_len", "kv_len_total", "q_heads", "kv_heads", "group", "window", "num_splits", "chunk", "rows",
             "q_tokens", "q_offset_all", "kv_lens_all", "prefix_all", "seq_len", "width"}
+# these cases also compile the forward that stores the log-sum-exp and the two backward kernels
+TRAINING_CASES = (0, 3, 4)
 
 
 def compile_kernel(fn, arch: int, pointers: dict, constants: dict, options: dict) -> int:
@@ -40,7 +42,7 @@ def compile_kernel(fn, arch: int, pointers: dict, constants: dict, options: dict
 
 
 def attention_variants(arch: int, dtype: str, head_dim: int, causal: bool, window: bool, softcap: bool,
-                       prefix: bool, per_row: bool):
+                       prefix: bool, per_row: bool, training: bool = False):
     block_d = max(16, triton.next_power_of_2(head_dim))
     flags = dict(CAUSAL=causal, HAS_WINDOW=window, HAS_SOFTCAP=softcap, HAS_PREFIX=prefix, FP32=dtype == "fp32",
                  ROWS_Q_OFFSET=per_row, ROWS_KV_LENS=per_row, ROWS_PREFIX=per_row)
@@ -48,9 +50,18 @@ def attention_variants(arch: int, dtype: str, head_dim: int, causal: bool, windo
     rows = dict.fromkeys(("Q_OFFSET", "KV_LENS", "PREFIX"), "*i64" if per_row else "*" + dtype)
     config = attention._prefill_config(block_d, True, fp32=dtype == "fp32")
     tiles = {key: config.pop(key) for key in ("BLOCK_M", "BLOCK_N")}
+    tensors = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype)
     yield "prefill", compile_kernel(
-        attention._prefill_kernel, arch, dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, OUT="*" + dtype, **rows),
-        dict(HEAD_DIM=head_dim, BLOCK_D=block_d, **tiles, **flags), config)
+        attention._prefill_kernel, arch, dict(**tensors, OUT="*" + dtype, LSE="*fp32", **rows),
+        dict(HEAD_DIM=head_dim, BLOCK_D=block_d, **tiles, **flags, STORE_LSE=training), config)
+    if training:
+        config = attention._backward_config(block_d, True, fp32=dtype == "fp32")
+        tiles = {key: config.pop(key) for key in ("BLOCK_M", "BLOCK_N")}
+        grads = dict(DO="*" + dtype, LSE="*fp32", DELTA="*fp32", DK="*" + dtype, DV="*" + dtype, DQ="*" + dtype)
+        for name, kernel in (("backward_dkdv", attention._prefill_bwd_dkdv_kernel),
+                             ("backward_dq", attention._prefill_bwd_dq_kernel)):
+            yield name, compile_kernel(kernel, arch, dict(**tensors, **grads, **rows),
+                                       dict(HEAD_DIM=head_dim, BLOCK_D=block_d, **tiles, **flags), config)
     yield "decode", compile_kernel(
         decode._decode_split_kernel, arch,
         dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, PART_O="*fp32", PART_M="*fp32", PART_L="*fp32", **rows),
@@ -85,8 +96,8 @@ def main(arch: int) -> None:
              ("fp16", 72, False, False, False, False, False),  # SigLIP
              ("fp16", 128, True, True, False, True, True),  # PaliGemma 2 prefix-LM with a window
              ("fp32", 64, True, False, True, False, False)]
-    for case in cases:
-        for kernel, shared in attention_variants(arch, *case):
+    for i, case in enumerate(cases):
+        for kernel, shared in attention_variants(arch, *case, training=i in TRAINING_CASES):
             print(json.dumps(dict(kernel=kernel, case=list(case), shared=shared)), flush=True)
     for dtype in ("bf16", "fp32"):
         print(json.dumps(dict(kernel="maxsim", case=[dtype, 128], shared=maxsim_variant(arch, dtype, 128, 128, 8))),

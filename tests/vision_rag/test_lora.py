@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from safetensors.torch import load_file, save_file
 from tiny_colpali import hf_colpali, paligemma_tokenizer, save_colpali
 
 from vision_rag.colpali import ColPaliEmbedder
-from vision_rag.lora import AdapterError, LoraAdapter, LoraAdapterConfig, merge_lora
 
 ATOL = 1e-5
 QUERIES = ["what is the total", "red circle chart"]
@@ -123,64 +121,3 @@ def test_adapter_directory_alone_finds_its_local_base(base, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(Exception, match="not a local directory"):
         ColPaliEmbedder.load(adapter)
-
-
-# -- merge_lora against its definition, on small tensors ---------------------------------------------------------
-def adapter_of(tensors, **config) -> LoraAdapter:
-    return LoraAdapter(directory="test-adapter", config=LoraAdapterConfig(**config), tensors=tensors)
-
-
-def test_merge_definition_and_fan_in_fan_out():
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(6, 5, generator=gen)
-    a, b = torch.randn(3, 5, generator=gen), torch.randn(6, 3, generator=gen)
-    tensors = {"base_model.model.layer.lin.lora_A.weight": a, "base_model.model.layer.lin.lora_B.weight": b}
-    merged = merge_lora({"layer.lin.weight": w}, adapter_of(tensors, r=3, lora_alpha=6, target_modules=["lin"]))
-    torch.testing.assert_close(merged["layer.lin.weight"], w + 2.0 * b @ a)
-    rs = merge_lora({"layer.lin.weight": w}, adapter_of(tensors, r=3, lora_alpha=6, use_rslora=True,
-                                                         target_modules=["lin"]))
-    torch.testing.assert_close(rs["layer.lin.weight"], w + 6 / math.sqrt(3) * b @ a)
-    # fan_in_fan_out: the base weight is stored (in, out), as GPT-2's Conv1D stores it.
-    stored_t = w.T.contiguous()
-    ff = merge_lora({"layer.lin.weight": stored_t}, adapter_of(tensors, r=3, lora_alpha=3, fan_in_fan_out=True))
-    torch.testing.assert_close(ff["layer.lin.weight"], stored_t + (b @ a).T)
-    # bf16 weights: computed in fp32, cast back once.
-    half = merge_lora({"layer.lin.weight": w.bfloat16()}, adapter_of(tensors, r=3, lora_alpha=3))
-    assert half["layer.lin.weight"].dtype == torch.bfloat16
-    torch.testing.assert_close(half["layer.lin.weight"], (w.bfloat16().float() + b @ a).bfloat16())
-
-
-def test_merge_refuses_inconsistent_adapters():
-    w = torch.zeros(4, 4)
-    a, b = torch.ones(2, 4), torch.ones(4, 2)
-    key = "base_model.model.blk.q_proj.lora_{}.weight"
-    both = {key.format("A"): a, key.format("B"): b}
-    with pytest.raises(AdapterError, match="target_modules"):
-        merge_lora({"blk.q_proj.weight": w}, adapter_of(both, r=2, target_modules=["v_proj"]))
-    with pytest.raises(AdapterError, match="not both"):
-        merge_lora({"blk.q_proj.weight": w}, adapter_of({key.format("A"): a}, r=2))
-    with pytest.raises(AdapterError, match="rank"):
-        merge_lora({"blk.q_proj.weight": w}, adapter_of(both, r=3))
-    with pytest.raises(AdapterError, match="no blk.q_proj.weight"):
-        merge_lora({"other.weight": w}, adapter_of(both, r=2))
-    with pytest.raises(AdapterError, match="shape"):
-        merge_lora({"blk.q_proj.weight": torch.zeros(4, 5)}, adapter_of(both, r=2))
-    with pytest.raises(AdapterError, match="DoRA"):
-        merge_lora({"blk.q_proj.weight": w}, adapter_of({**both, "base_model.model.blk.q_proj.lora_magnitude_vector": a}, r=2))
-
-
-def test_read_adapter_refuses_bad_directories(tmp_path):
-    from vision_rag.lora import read_adapter
-
-    with pytest.raises(AdapterError, match="adapter_config.json"):
-        read_adapter(tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
-    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
-    with pytest.raises(AdapterError, match="never loaded"):
-        read_adapter(tmp_path)
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10\x00garbage")
-    with pytest.raises(AdapterError, match="corrupt"):
-        read_adapter(tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(AdapterError, match="only LoRA"):
-        read_adapter(tmp_path)
