@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import Fault  # tests/grounding/conftest.py: imported at collection, as test_faults.py does
 from gapminder_truth import gapminder
 
 from grounding import Answer, ask
@@ -133,8 +134,6 @@ def test_cli_ask_json_in_a_subprocess():
 def test_cli_ask_exits_non_zero_when_every_lookup_failed(fault_server, capsys, monkeypatch):
     """A failed answer exits 1 and says why; no data for a question (the source answered) exits 0. In
     process, through the console script's ``main``."""
-    from conftest import Fault
-
     from models.cli import main
 
     monkeypatch.delenv("DC_API_KEY", raising=False)
