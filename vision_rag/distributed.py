@@ -460,7 +460,7 @@ class _Writer:
         self.ready_pages = 0
         exists = (directory / LAYOUT_FILE).is_file() or (directory / "manifest.json").is_file()
         if exists:
-            self._open(open_collection(directory, shards=shards) if shards else open_collection(directory))
+            self._open(open_collection(directory, shards=shards))
 
     @property
     def storage(self) -> str:

@@ -451,8 +451,9 @@ def _create(directory: Path, shards: int, model_id: str, dim: int, settings: Map
         _write_layout(directory, ShardLayout(shards=shards, model_id=model_id, dim=dim))
 
 
-def open_collection(directory: str | os.PathLike, **options: Any) -> Index | ShardedIndex:
-    """The index in ``directory``: a :class:`ShardedIndex` for a sharded collection, else an :class:`Index`."""
-    if read_layout(directory) is not None:
-        return ShardedIndex.open(directory, **options)
+def open_collection(directory: str | os.PathLike, *, shards: int | None = None, **options: Any) -> Index | ShardedIndex:
+    """The index in ``directory``: a :class:`ShardedIndex` for a sharded collection (or when ``shards`` is
+    given: one to create or to find), else an :class:`Index`. ``options``: those of ``open``."""
+    if shards is not None or read_layout(directory) is not None:
+        return ShardedIndex.open(directory, shards=shards, **options)
     return Index.open(directory, **options)
