@@ -62,7 +62,7 @@ READER_CPUS = 0.5
 RENDER_TASK_CPUS = 0.25
 
 
-class RayUnavailableError(ImportError):
+class RayUnavailableError(RuntimeError):
     """Ray is not installed: ``pip install 'gemma-grounding[ray]'``."""
 
 
@@ -528,3 +528,8 @@ class _Writer:
     def close(self) -> None:
         if self.index is not None:
             self.index.close()
+
+
+def summarize_workers(report: DistributedIngestReport) -> str:
+    """``"host:pid 12 pages, host:pid 9 pages"``: how the pages were shared among the actors."""
+    return ", ".join(f"{worker} {count} pages" for worker, count in sorted(report.pages_per_worker.items()))

@@ -35,7 +35,7 @@ KEYWORD_FIELDS = ("document_id", "source_path")
 INTEGER_FIELDS = ("page_number",)
 
 
-class QdrantUnavailableError(ImportError):
+class QdrantUnavailableError(RuntimeError):
     """The Qdrant package for this target is not installed."""
 
 
