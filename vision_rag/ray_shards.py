@@ -57,7 +57,11 @@ class ShardStatus(BaseModel):
 class ShardServer:
     """The body of a shard actor (a plain class; :class:`RayShardedIndex` runs it as a Ray actor)."""
 
-    def __init__(self, directory: str, shard: int, n_shards: int, search_settings: Mapping[str, Any]):
+    def __init__(self, directory: str, shard: int, n_shards: int, search_settings: Mapping[str, Any],
+                 threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)  # the actor's share of the node: no oversubscription with its neighbours
         self.directory, self.shard, self.n = directory, shard, n_shards
         self.index = Index.open(directory, **dict(search_settings))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -142,6 +146,7 @@ class RayShardedIndex:
         if memory_per_shard:
             options["memory"] = int(memory_per_shard)
         self._actor_class = ray.remote(ShardServer).options(**options)
+        self._threads = max(1, int(cpus_per_shard))
         self._search_settings = dict(search_settings)
         self._lock = threading.Lock()
         self._actors = [self._start(s) for s in range(self.n_shards)]
@@ -159,7 +164,7 @@ class RayShardedIndex:
         self.settings = IndexSettings.model_validate(first["settings"])
 
     def _start(self, shard: int):
-        return self._actor_class.remote(self._paths[shard], shard, self.n_shards, self._search_settings)
+        return self._actor_class.remote(self._paths[shard], shard, self.n_shards, self._search_settings, self._threads)
 
     def close(self) -> None:
         """Stop the shard actors."""
