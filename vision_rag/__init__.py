@@ -4,7 +4,10 @@ MaxSim rescoring, and similarity maps.
 Public API: :class:`Index` (``open`` / ``add`` / ``delete`` / ``update`` / ``search`` / ``commit``),
 :class:`PageRecord`, :class:`Page`, :class:`Hit`, :class:`SearchFilter`, :func:`index_paths` with its
 :class:`IngestReport`, :func:`maxsim` / :func:`maxsim_packed` / :func:`top_k`, :func:`similarity_maps`
-and :func:`save_similarity_maps`; the embedder :class:`ColPaliEmbedder` (with :class:`ColPaliSettings`). Submodules import lazily so ``import vision_rag`` stays cheap.
+and :func:`save_similarity_maps`; the embedder :class:`ColPaliEmbedder` (with :class:`ColPaliSettings`).
+Scale-out: :class:`ShardedIndex` (N shard indexes as one), :func:`index_paths_ray` (indexing on Ray),
+:class:`RayShardedIndex` (shards held by Ray actors), :func:`export_to_qdrant`. Submodules import lazily
+so ``import vision_rag`` stays cheap (and Ray / Qdrant are needed only by what uses them).
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ _EXPORTS = {
     "maxsim": "scoring", "maxsim_packed": "scoring", "pack_pages": "scoring", "top_k": "scoring",
     "similarity_maps": "simmap", "save_similarity_maps": "simmap",
     "ColPaliEmbedder": "colpali", "ColPaliSettings": "colpali", "load_colpali": "colpali",
+    "ShardedIndex": "sharded", "ShardedHits": "sharded", "ShardUnavailableError": "sharded",
+    "open_collection": "sharded",
+    "index_paths_ray": "distributed", "DistributedIngestReport": "distributed", "EmbedderSpec": "distributed",
+    "RayShardedIndex": "ray_shards",
+    "export_to_qdrant": "export_qdrant", "EdgeShardTarget": "export_qdrant", "QdrantClientTarget": "export_qdrant",
 }
 
 __all__ = sorted(_EXPORTS)
