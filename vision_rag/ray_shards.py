@@ -4,8 +4,10 @@ queries fanned out to all of them and the per-shard top-k lists merged (``gemma-
     client = RayShardedIndex("collection/")          # one actor per shard, restarted by Ray if it dies
     hits = client.search(query_vectors, k=10)        # ShardedHits: hits + missing_shards
 
-A shard actor opens its shard index (memory-mapped vectors, FAISS token indexes in memory) and answers
-searches, lookups and deletes for it, translating page ids (``g = local * N + shard``). Actors are
+A shard actor opens its shard index and keeps it in memory: the FAISS token indexes in the process, the
+vectors memory-mapped and read ahead into the node's page cache when the actor starts (so it stays
+there as far as the node's RAM allows: size shards with ``memory_per_shard``). It answers searches,
+lookups and deletes for its shard, translating page ids (``g = local * N + shard``). Actors are
 created with ``max_restarts=-1``: when one dies Ray starts it again and it reopens its shard. A search
 waits at most ``timeout_s`` for each shard; the shards that did not answer (dead, restarting, too slow)
 are listed in the result's ``missing_shards`` and the hits are those of the other shards: an answer is
@@ -65,6 +67,7 @@ class ShardServer:
         self.directory, self.shard, self.n = directory, shard, n_shards
         self.index = Index.open(directory, **dict(search_settings))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        read_ahead(Path(directory) / "data", [s.vector_file for s in self.index.manifest.segments])
 
     def info(self) -> dict:
         return dict(model_id=self.index.model_id, dim=self.index.dim, settings=self.index.settings.model_dump(),
@@ -108,6 +111,22 @@ class ShardServer:
             writer.update(local_id, **fields)
         self.index.refresh()
         return self._state()
+
+
+def read_ahead(data_dir: Path, files: Sequence[str]) -> None:
+    """Ask the kernel to read the files into the page cache now (asynchronously), so the first searches do
+    not wait on the disk; a no-op where posix_fadvise is missing."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for name in files:
+        try:
+            fd = os.open(data_dir / name, os.O_RDONLY)
+        except OSError:
+            continue  # replaced by a commit meanwhile: the index reopens what it needs
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def _unavailable_errors() -> tuple[type[BaseException], ...]:

@@ -309,6 +309,9 @@ def test_serve_command_on_ray_shards(cluster, workspace):
     import urllib.request
     from pathlib import Path
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from webapp_support import wait_for_status
+
     root, checkpoint, docs, embedder = workspace
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -320,16 +323,7 @@ def test_serve_command_on_ray_shards(cluster, workspace):
                                stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[2],
                                env={**os.environ, "TQDM_DISABLE": "1"})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=2) as response:
-                    status = json.load(response)
-                break
-            except OSError:
-                assert process.poll() is None, process.stdout.read()
-                assert time.monotonic() < deadline, "gemma-ground serve --ray did not start"
-                time.sleep(0.5)
+        status = wait_for_status(process, port, timeout=180)
         assert (status["shards"], status["missing_shards"], status["pages_in_index"]) == (2, [], 7)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/api/search", method="POST",
                                          data=json.dumps({"query": QUERIES[0], "k": 3}).encode(),
