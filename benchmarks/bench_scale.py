@@ -2,10 +2,10 @@
 actors against one index, each against its baseline in the same run.
 
 1. Indexing: PNG pages embedded by a random-weight ColPali of modest size (SigLIP 6 x 384 at 224 px,
-   Gemma 4 x 512: ~27M parameters, ~0.5 s/page on 2 CPU threads here; the real 3B model is ~100x more
-   work per page, which only makes the fixed costs below smaller). Baseline: ``index_paths`` in this
-   process (torch on all cores); then ``index_paths_ray`` with 1 and 2 workers on a local Ray cluster
-   of all cores. Pages/s over the whole run (actor start-up included) and over the steady part (first
+   Gemma 4 x 512: ~27M parameters, ~0.5 s/page here; the real 3B model is ~100x more work per page,
+   which only makes the fixed costs below smaller). Baseline: ``index_paths`` in this process (torch
+   on ``--baseline-threads``, 1 like a worker); then ``index_paths_ray`` with 1 and 2 workers on a
+   local Ray cluster of all cores. Pages/s over the whole run (actor start-up included) and over the steady part (first
    to last embedded page arriving).
 2. Search: the synthetic clustered corpus of ``bench_maxsim.py`` (1,030 x 128 fp16 per page), in one
    index and in a collection of ``--shards`` shards (documents of one page, so the shards are equal),
@@ -97,13 +97,18 @@ def bench_indexing(args, root: Path) -> None:
     print(f"== indexing {args.index_pages} PNG pages (612 x 792), random ColPali ~27M params at 224 px, "
           f"batch {args.batch_size}, {os.cpu_count()} CPUs", flush=True)
     embedder = ColPaliEmbedder.load(model)
-    embedder.embed_pages([str(next(pages.iterdir()))], progress=False)  # warm-up
-    with Index.open(root / "one", create=True, model_id=embedder.model_id, dim=embedder.dim) as index:
-        t = time.perf_counter()
-        report = index_paths(index, embedder, [pages], batch_size=args.batch_size, progress=False)
-        base_s = time.perf_counter() - t
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.baseline_threads)  # a Ray worker on one CPU runs one thread
+    try:
+        embedder.embed_pages([str(next(pages.iterdir()))], progress=False)  # warm-up
+        with Index.open(root / "one", create=True, model_id=embedder.model_id, dim=embedder.dim) as index:
+            t = time.perf_counter()
+            report = index_paths(index, embedder, [pages], batch_size=args.batch_size, progress=False)
+            base_s = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(threads)
     base = report.pages_added / base_s
-    print(f"one process (torch {torch.get_num_threads()} threads): {base_s:6.1f} s  {base:5.2f} pages/s", flush=True)
+    print(f"one process (torch {args.baseline_threads} thread(s)): {base_s:6.1f} s  {base:5.2f} pages/s", flush=True)
     connect(num_cpus=os.cpu_count())
     for workers in [int(w) for w in args.workers.split(",") if w]:
         arrivals: list[float] = []
@@ -234,6 +239,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--index-pages", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--baseline-threads", type=int, default=1,
+                        help="torch threads of the one-process baseline (1: as one Ray worker on one CPU; on a busy "
+                             "2-core machine 2 threads were 5x slower than 1 in the first run)")
     parser.add_argument("--workers", default="1,2", help="Ray worker counts to measure")
     parser.add_argument("--search-pages", type=int, default=20000)
     parser.add_argument("--shards", type=int, default=4)
