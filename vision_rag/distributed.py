@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 # actors holding a CPU each would leave none, and the pipeline would wait forever).
 READER_CPUS = 0.5
 RENDER_TASK_CPUS = 0.25
+MAX_READ_BLOCKS = 1000
 
 
 class RayUnavailableError(RuntimeError):
@@ -401,7 +402,8 @@ def index_paths_ray(
 def _pipeline(ray, files: Mapping[str, str], spec: EmbedderSpec, plan: _Plan, held: str, batch_size: int, dpi: int,
               max_pixels: int):
     items = [{"path": path, "content_hash": digest} for path, digest in files.items()]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    # A block (a reading task) per file up to MAX_READ_BLOCKS: enough to keep every actor fed.
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_READ_BLOCKS)))
     dataset = dataset.map_batches(render_files, batch_size=1, batch_format="numpy",
                                   fn_kwargs=dict(dpi=dpi, max_pixels=max_pixels), num_cpus=RENDER_TASK_CPUS)
     return dataset.map_batches(

@@ -150,3 +150,30 @@ def test_layout_checks_and_plain_index_as_one_shard(tmp_path):
     (tmp_path / "c" / "shards.json").write_text('{"format": "something else"}')
     with pytest.raises(IndexFormatError, match="not a gemma-grounding sharded index"):
         ShardedIndex.open(tmp_path / "c")
+
+
+def test_cli_index_into_shards_and_search_them(tmp_path, capsys):
+    """``gemma-ground index --shards 2`` in one process, then ``search`` over the collection."""
+    from PIL import Image
+    from tiny_colpali import hf_colpali, paligemma_tokenizer, save_colpali
+
+    from models.cli import main
+    from vision_rag.colpali import ColPaliEmbedder
+
+    tokenizer = paligemma_tokenizer()
+    checkpoint = save_colpali(hf_colpali(tokenizer, seed=3, image_size=28), tokenizer, tmp_path / "colpali")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.png")
+    files = [str(tmp_path / f"p{i}.png") for i in range(4)]
+    capsys.readouterr()
+    assert main(["index", "--model", str(checkpoint), "--index", str(tmp_path / "c"), "--shards", "2", *files]) == 0
+    assert "4 pages added" in capsys.readouterr().out
+    with ShardedIndex.open(tmp_path / "c") as sharded:
+        assert sharded.shard_sizes() == [2, 2]  # one-page documents alternate between the shards
+        (query,) = ColPaliEmbedder.load(checkpoint).embed_queries(["red circle"], progress=False)
+        expected = [h.page_id for h in sharded.search(query, k=3)]
+    assert main(["search", "--index", str(tmp_path / "c"), "red circle", "-k", "3", "--json"]) == 0
+    assert [h["page_id"] for h in json.loads(capsys.readouterr().out)["hits"]] == expected
+    assert main(["index", "--model", str(checkpoint), "--index", str(tmp_path / "c"), "--shards", "3", files[0]]) == 2
+    assert "holds 2 shards, not 3" in capsys.readouterr().err
