@@ -67,7 +67,7 @@ class RayUnavailableError(RuntimeError):
     """Ray is not installed: ``pip install 'gemma-grounding[ray]'``."""
 
 
-def _ray():
+def require_ray():
     try:
         import ray
     except ImportError as exc:
@@ -81,7 +81,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, **init_o
     ``address``: None or ``"local"`` starts a new cluster inside this process (``num_cpus``: its size,
     default all); ``"auto"`` joins the cluster ``ray start`` runs on this machine; ``"HOST:PORT"`` or
     ``"ray://HOST:10001"`` a remote one."""
-    ray = _ray()
+    ray = require_ray()
     if ray.is_initialized():
         return
     options: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING)
@@ -303,7 +303,7 @@ def plan_resources(workers: int, cpus_per_worker: float | None = None,
     there are fewer GPUs than actors), CPUs split among the actors after :data:`READER_CPUS` for reading."""
     if workers < 1:
         raise IndexSettingsError(f"workers must be >= 1, got {workers}")
-    resources = _ray().cluster_resources()
+    resources = require_ray().cluster_resources()
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     if gpus_per_worker is None:
         gpus_per_worker = min(1.0, gpus / workers) if gpus else 0.0
@@ -347,7 +347,7 @@ def index_paths_ray(
     takes the model's id and dimension from the first embedded page and ``index_settings`` (``storage``,
     ``pool_factor`` ...). Files are committed in groups of about ``commit_pages`` pages. ``on_page`` is
     called here for every embedded page that arrives."""
-    ray = _ray()
+    ray = require_ray()
     if not ray.is_initialized():
         connect()
     quiet_ray_data()

@@ -150,9 +150,9 @@ class RayShardedIndex:
     def __init__(self, directory: str | os.PathLike, *, shards: int | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, cpus_per_shard: float | None = None,
                  memory_per_shard: int | None = None, **search_settings: Any):
-        from .distributed import _ray, connect
+        from .distributed import connect, require_ray
 
-        ray = _ray()
+        ray = require_ray()
         if not ray.is_initialized():
             connect()
         self.directory = Path(directory)
