@@ -105,3 +105,22 @@ def test_sharded_index_and_qdrant_client_local_mode(tmp_path):
             np.testing.assert_allclose([p.score for p in theirs], [s for _, s in ours], rtol=0, atol=5e-6)
             all_scores = {h.page_id: h.score for h in index.search(query, k=40, exact=True)}
             assert same_ranking(ours, [(int(p.id), p.score) for p in theirs], all_scores, 5e-6)
+
+
+def test_export_command(tmp_path, capsys):
+    import json
+
+    from models.cli import main
+
+    pages = clustered_corpus(6, 8, 16, 2, seed=35)
+    with Index.open(tmp_path / "ix", create=True, model_id="m", dim=16) as index:
+        index.add(list(zip(corpus_records(6), pages, strict=True)))
+    capsys.readouterr()
+    assert main(["export-qdrant", "--index", str(tmp_path / "ix"), "--edge", str(tmp_path / "edge"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["points_written"], report["points_in_target"], report["datatype"]) == (6, 6, "float16")
+    shard = qdrant_edge.EdgeShard.load(str(tmp_path / "edge"))
+    assert sorted(int(r.id) for r in shard.scroll(qdrant_edge.ScrollRequest(limit=10))[0]) == list(range(6))
+    shard.close()
+    assert main(["export-qdrant", "--index", str(tmp_path / "ix"), "--url", "http://127.0.0.1:9"]) == 2
+    assert "needs a collection name" in capsys.readouterr().err
