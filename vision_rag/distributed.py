@@ -188,11 +188,10 @@ def _file_rows(path: str, content_hash: str, dpi: int, max_pixels: int) -> Itera
         for image in read_pages(Path(path), dpi, max_pixels):
             yield _row(PAGE, path, content_hash, count, pixels=image.tobytes(), width=image.width, height=image.height)
             count += 1
-    except BadFileError as exc:
-        yield _row(FILE_ERROR, path, content_hash, count, reason=str(exc))
-        return
-    except Exception as exc:  # a reader bug must not end the whole pipeline: report it with the file
-        yield _row(FILE_ERROR, path, content_hash, count, reason=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # BadFileError, or a reader bug: it must not end the whole pipeline
+        reason = str(exc) if isinstance(exc, BadFileError) else f"{path}: {type(exc).__name__}: {exc}"
+        # The page that failed; -1 when nothing could be read (the reason names a first page that failed).
+        yield _row(FILE_ERROR, path, content_hash, count if count else -1, reason=reason)
         return
     if count == 0:
         yield _row(FILE_ERROR, path, content_hash, reason=f"{path}: no pages found")

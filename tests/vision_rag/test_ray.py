@@ -29,7 +29,7 @@ from models.cli import main  # noqa: E402
 from vision_rag.colpali import ColPaliEmbedder  # noqa: E402
 from vision_rag.distributed import connect, index_paths_ray  # noqa: E402
 from vision_rag.index import Index, PageNotFoundError  # noqa: E402
-from vision_rag.ingest import index_paths  # noqa: E402
+from vision_rag.ingest import index_paths, read_page  # noqa: E402
 from vision_rag.ray_shards import RayShardedIndex  # noqa: E402
 from vision_rag.sharded import ShardedIndex, open_collection, split_page_id  # noqa: E402
 
@@ -120,7 +120,7 @@ def test_distributed_build_equals_one_process_and_survives_a_killed_worker(clust
     assert report.pages_added == expected.pages_added == 18
     assert [f.path for f in report.files_failed] == [str((docs / "broken.pdf").resolve())]
     assert "not a readable PDF" in report.files_failed[0].reason
-    assert [(p.path, p.page_number) for p in report.page_failures] == [(str((docs / "broken.pdf").resolve()), 0)]
+    assert [(p.path, p.page_number) for p in report.page_failures] == [(str((docs / "broken.pdf").resolve()), -1)]
     assert [f.path for f in report.files_ignored] == [str(docs / "notes.txt")]
     with Index.open(root / "dist") as dist, Index.open(root / "single") as single:
         assert dist.model_id == single.model_id
@@ -180,6 +180,22 @@ def test_collector_keeps_one_copy_of_each_page_and_commits_whole_files_only(tmp_
         assert [(p.source_path, p.page_number, p.content_hash) for p in index.pages()] == [
             ("/x.pdf", 0, "h-/x.pdf"), ("/x.pdf", 1, "h-/x.pdf")]
         assert [float(index.vectors(p.page_id)[0, 0]) for p in index.pages()] == [2.0, 1.0]
+
+
+def test_render_stage_rows(workspace):
+    """The reading stage alone (no cluster): a row per page, then the page count; a file that cannot be
+    read is one error row for the whole file (page -1)."""
+    from vision_rag.distributed import render_files
+
+    root, checkpoint, docs, embedder = workspace
+    batch = {"path": np.array([str(docs / "a.pdf"), str(docs / "broken.pdf")], dtype=object),
+             "content_hash": np.array(["h1", "h2"], dtype=object)}
+    rows = [{k: v[0] for k, v in out.items()} for out in render_files(batch, dpi=72, max_pixels=10**6)]
+    assert [(r["kind"], r["page_number"], r["n_pages"]) for r in rows] == [
+        ("page", 0, 0), ("page", 1, 0), ("page", 2, 0), ("end", -1, 3), ("file_error", -1, 0)]
+    first = Image.frombytes("RGB", (int(rows[0]["width"]), int(rows[0]["height"])), rows[0]["pixels"])
+    assert np.array_equal(np.asarray(first), np.asarray(read_page(docs / "a.pdf", 0, dpi=72, max_pixels=10**6)))
+    assert "not a readable PDF" in rows[-1]["reason"] and rows[-1]["content_hash"] == "h2"
 
 
 def test_cli_builds_shards_on_ray(cluster, workspace, capsys):
