@@ -477,8 +477,12 @@ class _Writer:
         return np.dtype(self.held_name)
 
     def _open(self, index: Index | ShardedIndex) -> None:
+        try:
+            index.lock_for_writing()  # one writer: refused now (IndexLockedError) if another process writes
+        except BaseException:
+            index.close()
+            raise
         self.index = index
-        index.lock_for_writing()  # one writer: refused now (IndexLockedError) if another process writes
 
     def known_hashes(self) -> dict[str, str]:
         """Source path -> content hash, for files whose live pages all have one hash (unchanged if equal)."""
