@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 from gapminder_truth import gapminder
 from PIL import Image
-from webapp_support import MARKUP_LINE, MARKUP_TITLE, tiny_index
+from webapp_support import MARKUP_LINE, MARKUP_TITLE, tiny_index, wait_for_status
 
 from webapp import create_app
 from webapp.app import MAX_BODY_BYTES, WebAppError
@@ -243,12 +242,10 @@ def test_app_settings_errors_and_cli(tmp_path):
 
 def test_serve_command_runs_a_real_server_on_loopback(tmp_path):
     """``serve`` as the CLI runs it (parse + func) in a subprocess: a uvicorn server on 127.0.0.1 only."""
-    import json
     import os
     import socket
     import subprocess
     import sys
-    import urllib.request
 
     index_dir, _ = tiny_index()
     with socket.socket() as s:
@@ -260,16 +257,7 @@ def test_serve_command_runs_a_real_server_on_loopback(tmp_path):
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TQDM_DISABLE": "1"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=2) as response:
-                    status = json.load(response)
-                break
-            except OSError:
-                assert process.poll() is None, process.stdout.read()
-                assert time.monotonic() < deadline, "gemma-ground serve did not start"
-                time.sleep(0.2)
+        status = wait_for_status(process, port)
         assert status["search_enabled"] and status["pages_in_index"] == 6
         listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
         assert [line.split()[3] for line in listening.splitlines()] == [f"127.0.0.1:{port}"]  # local address

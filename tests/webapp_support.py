@@ -5,8 +5,11 @@ text is markup (to check escaping), ingested by ``vision_rag.index_paths`` with 
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,3 +42,17 @@ def tiny_index() -> tuple[Path, object]:
     assert len(report.files_indexed) == 3 and not report.files_failed, report
     write_embedder_record(root / "index", embedder)
     return root / "index", embedder
+
+
+def wait_for_status(process, port: int, timeout: float = 120) -> dict:
+    """``/api/status`` of a server starting in ``process`` on 127.0.0.1:``port``, once it answers (the
+    test fails with the server's output if it exits first, or after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=2) as response:
+                return json.load(response)
+        except OSError:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.3)

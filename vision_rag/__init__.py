@@ -5,7 +5,10 @@ Public API: :class:`Index` (``open`` / ``add`` / ``delete`` / ``update`` / ``sea
 :class:`PageRecord`, :class:`Page`, :class:`Hit`, :class:`SearchFilter`, :func:`index_paths` with its
 :class:`IngestReport`, :func:`maxsim` / :func:`maxsim_packed` / :func:`top_k`, :func:`similarity_maps`
 and :func:`save_similarity_maps`; the embedder :class:`ColPaliEmbedder` (with :class:`ColPaliSettings`);
-:func:`train_retriever` (fine-tuning on query/page pairs). Submodules import lazily so ``import vision_rag`` stays cheap.
+:func:`train_retriever` (fine-tuning on query/page pairs).
+Scale-out: :class:`ShardedIndex` (N shard indexes as one), :func:`index_paths_ray` (indexing on Ray),
+:class:`RayShardedIndex` (shards held by Ray actors), :func:`export_to_qdrant`. Submodules import lazily
+so ``import vision_rag`` stays cheap (and Ray / Qdrant are needed only by what uses them).
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ _EXPORTS = {
     "similarity_maps": "simmap", "save_similarity_maps": "simmap",
     "ColPaliEmbedder": "colpali", "ColPaliSettings": "colpali", "load_colpali": "colpali",
     "train_retriever": "retriever_training",
+    "ShardedIndex": "sharded", "ShardedHits": "sharded", "ShardUnavailableError": "sharded",
+    "open_collection": "sharded",
+    "index_paths_ray": "distributed", "DistributedIngestReport": "distributed", "EmbedderSpec": "distributed",
+    "RayShardedIndex": "ray_shards",
+    "export_to_qdrant": "export_qdrant", "EdgeShardTarget": "export_qdrant", "QdrantClientTarget": "export_qdrant",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,11 +1,14 @@
 """``gemma-ground index | search | explain``: build and query a ColPali page index from the shell.
 
-    gemma-ground index   --model SOURCE [--adapter DIR] --index DIR PATH...
+    gemma-ground index   --model SOURCE [--adapter DIR] --index DIR PATH... [--shards N] [--ray [ADDRESS] --workers N]
     gemma-ground search  --index DIR "query" [-k 5] [--json]
     gemma-ground explain --index DIR "query" PAGE_ID --out map.png
+    gemma-ground export-qdrant --index DIR (--edge PATH | --url URL --collection NAME)
 
 Thin: parses arguments and calls :mod:`vision_rag.colpali`, :mod:`vision_rag.index`,
-:mod:`vision_rag.ingest` and :mod:`vision_rag.simmap`. The index records the id of the model that built
+:mod:`vision_rag.ingest`, :mod:`vision_rag.distributed` (``--ray``), :mod:`vision_rag.sharded`
+(``--shards``; ``search`` and ``explain`` open sharded collections too), :mod:`vision_rag.export_qdrant`
+and :mod:`vision_rag.simmap`. The index records the id of the model that built
 it and refuses another; ``index`` also writes ``embedder.json`` beside it (the checkpoint path, adapter
 and input settings) so ``search`` and ``explain`` load the same model unless ``--model`` is given.
 """
@@ -81,8 +84,32 @@ def register(sub) -> None:
     p.add_argument("--storage", default=None, choices=("fp16", "fp32", "sq8", "pq"),
                    help="vector storage of a new index (default fp16)")
     p.add_argument("--pool-factor", type=int, default=None, help="token pooling factor of a new index (default 1: none)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="build (or add to) a collection of N shard indexes in --index (page ids name their shard)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray: render pages in Ray Data tasks, embed them in an actor pool (one model per actor, "
+                        "a GPU each when the cluster has GPUs). No ADDRESS: a local cluster; 'auto': the cluster "
+                        "`ray start` runs here; HOST:PORT or ray://HOST:10001: a remote one")
+    p.add_argument("--workers", type=int, default=None, help="embedding actors with --ray (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per embedding actor with --ray (default: 1 when the cluster has GPUs, else 0)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("export-qdrant", help="export a page index to a Qdrant multi-vector collection (MaxSim)",
+                       description="Each page becomes a point (id = page id, its token vectors as one multi-vector "
+                                   "compared with MaxSim, its record as payload). Run again to update; points of "
+                                   "deleted pages are removed. The server's API key is read from the environment "
+                                   "variable named by --api-key-env, never from the command line.")
+    p.add_argument("--index", required=True, help="index directory (a plain or a sharded one)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--edge", default=None, help="an embedded Qdrant Edge shard directory (created if missing)")
+    target.add_argument("--url", default=None, help="a Qdrant server, e.g. http://localhost:6333")
+    p.add_argument("--collection", default=None, help="collection name on the server (created if missing)")
+    p.add_argument("--vector-name", default="colpali", help="name of the multi-vector (default colpali)")
+    p.add_argument("--api-key-env", default="QDRANT_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_export_qdrant)
 
     p = sub.add_parser("search", help="find the pages of a ColPali index that best match a query")
     p.add_argument("--index", required=True, help="index directory")
@@ -133,36 +160,30 @@ def _load_embedder(args, index_dir: Path, expected_model_id: str | None):
 
 
 def _open_index(directory: str):
-    from .index import Index
+    from .sharded import open_collection
 
     path = Path(directory)
-    return path, Index.open(path)
+    return path, open_collection(path)  # a plain index, or a sharded collection as one
 
 
 # -- commands -------------------------------------------------------------------------------------------------------
 def _cmd_index(args) -> int:
-    from .colpali import ColPaliEmbedder, write_embedder_record
-    from .index import Index
-    from .ingest import index_paths
-
     index_dir = Path(args.index)
     for p in args.paths:
         if not Path(p).exists():
             raise FileNotFoundError(f"{p}: no such file or directory")
-    embedder = ColPaliEmbedder.load(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
+    if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
+        raise ValueError("--workers and --gpus-per-worker need --ray")
     options = {k: v for k, v in dict(storage=args.storage, pool_factor=args.pool_factor).items() if v is not None}
-    # Index.open refuses an existing index built by another model (ModelMismatchError).
-    with Index.open(index_dir, create=True, model_id=embedder.model_id, dim=embedder.dim, **options) as index:
-        index.lock_for_writing()  # one writer at a time: refused now if another process is writing
-        write_embedder_record(index_dir, embedder)
-        embedder.progress = False  # ingestion shows its own progress bar (pages indexed)
-        kwargs = dict(batch_size=args.batch_size, progress=True)
-        if args.dpi is not None:
-            kwargs["dpi"] = args.dpi
-        if args.max_pixels is not None:
-            kwargs["max_pixels"] = args.max_pixels
-        report = index_paths(index, embedder, args.paths, **kwargs)
-        summary = _summary(report, index, index_dir, embedder.model_id)
+    kwargs = dict(batch_size=args.batch_size, progress=True)
+    if args.dpi is not None:
+        kwargs["dpi"] = args.dpi
+    if args.max_pixels is not None:
+        kwargs["max_pixels"] = args.max_pixels
+    if args.ray is not None:
+        report, summary = _index_on_ray(args, index_dir, options, kwargs)
+    else:
+        report, summary = _index_here(args, index_dir, options, kwargs)
     for failure in summary.failures:
         reason = failure["error"]
         print(f"failed: {reason if failure['path'] in reason else failure['path'] + ': ' + reason}", file=sys.stderr)
@@ -180,14 +201,54 @@ def _cmd_index(args) -> int:
     return 0
 
 
+def _index_here(args, index_dir: Path, options: dict, kwargs: dict):
+    from .colpali import ColPaliEmbedder, write_embedder_record
+    from .ingest import index_paths
+    from .sharded import open_collection
+
+    embedder = ColPaliEmbedder.load(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
+    # Opening refuses an existing index built by another model (ModelMismatchError).
+    with open_collection(index_dir, create=True, model_id=embedder.model_id, dim=embedder.dim, shards=args.shards,
+                         **options) as index:
+        index.lock_for_writing()  # one writer at a time: refused now if another process is writing
+        write_embedder_record(index_dir, embedder)
+        embedder.progress = False  # ingestion shows its own progress bar (pages indexed)
+        report = index_paths(index, embedder, args.paths, **kwargs)
+        return report, _summary(report, index, index_dir, embedder.model_id)
+
+
+def _index_on_ray(args, index_dir: Path, options: dict, kwargs: dict):
+    from types import SimpleNamespace
+
+    from .colpali import write_embedder_record
+    from .distributed import EmbedderSpec, connect, index_paths_ray, summarize_workers
+    from .sharded import open_collection
+
+    source = Path(args.model).expanduser().resolve()
+    adapter = str(Path(args.adapter).expanduser().resolve()) if args.adapter else None
+    spec = EmbedderSpec(source=str(source), adapter=adapter, dtype=args.dtype)
+    connect(args.ray)
+    report = index_paths_ray(index_dir, spec, args.paths, workers=args.workers or 1, shards=args.shards,
+                             gpus_per_worker=args.gpus_per_worker, index_settings=options, **kwargs)
+    print(f"ray: {report.workers} workers, {report.attempts} pass(es), {report.elapsed_s:.1f} s; "
+          f"{summarize_workers(report) or 'no pages embedded'}", file=sys.stderr)
+    if not index_dir.exists() or not any(index_dir.iterdir()):
+        return report, _summary(report, None, index_dir, "")  # nothing could be indexed: no index made
+    with open_collection(index_dir) as index:
+        # The workers' model built it: record the checkpoint (the actors loaded it from these paths).
+        write_embedder_record(index_dir, SimpleNamespace(model_id=index.model_id, source=spec.source,
+                                                         adapter=spec.adapter, settings=spec.settings))
+        return report, _summary(report, index, index_dir, index.model_id)
+
+
 def _summary(report, index, index_dir: Path, model_id: str) -> IndexSummary:
     # Pages of unchanged files were skipped whole: count them from the index.
-    skipped = sum(len(index.pages(source_path=path)) for path in report.files_unchanged)
+    skipped = sum(len(index.pages(source_path=path)) for path in report.files_unchanged) if index is not None else 0
     failures = [{"path": f.path, "error": f.reason} for f in report.files_failed]
     return IndexSummary(index=str(index_dir), model_id=model_id, pages_added=report.pages_added,
                         pages_skipped=skipped, pages_replaced=report.pages_replaced, files_failed=len(failures),
                         failures=failures, files_ignored=[f.path for f in report.files_ignored],
-                        pages_in_index=len(index))
+                        pages_in_index=len(index) if index is not None else 0)
 
 
 def _cmd_search(args) -> int:
@@ -245,4 +306,21 @@ def _cmd_explain(args) -> int:
                                query_tokens=embedder.query_tokens(args.query), token_indices=tokens)
     score = float((query_vectors @ page_vectors.T).max(dim=1).values.sum())
     print(f"wrote {out} (page {args.page_id}: {source} p.{page.page_number + 1}, MaxSim {score:.3f})")
+    return 0
+
+
+def _cmd_export_qdrant(args) -> int:
+    import os
+
+    from .export_qdrant import export_to_qdrant, open_target
+
+    api_key = os.environ.get(args.api_key_env) if args.url else None
+    target = open_target(edge=args.edge, url=args.url, collection=args.collection, vector_name=args.vector_name,
+                         api_key=api_key)
+    report = export_to_qdrant(args.index, target)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        print(f"{report.points_written} pages written to {report.target} (vector {report.vector_name!r}, "
+              f"{report.datatype}, MaxSim), {report.points_removed} removed; {report.points_in_target} points there")
     return 0

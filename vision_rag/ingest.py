@@ -269,26 +269,31 @@ def index_paths(
             except BadFileError as exc:
                 report.files_failed.append(FileProblem(path=str(path), reason=str(exc)))
                 continue
-            records = [
-                PageRecord(document_id=str(path), page_number=n, source_path=str(path),
-                           content_hash=content_hash, metadata=user_metadata)
-                for n in range(len(vectors))
-            ]
             with index.transaction():
-                previous = _indexed(index, path, content_hash)
-                if previous is not None:
-                    ids = index.add(list(zip(records, vectors, strict=True)))
-                    index.delete([p.page_id for p in previous])
-            if previous is None:  # another thread indexed the same content meanwhile
-                report.files_unchanged.append(str(path))
-                continue
-            report.page_ids.extend(ids)
-            report.pages_added += len(ids)
-            report.pages_replaced += len(previous)
-            report.files_indexed.append(str(path))
+                replace_file_pages(index, report, path, content_hash, vectors, user_metadata)
     finally:
         bar.close()
     return report
+
+
+def replace_file_pages(index: Index, report: IngestReport, path: Path, content_hash: str,
+                       vectors: Sequence[np.ndarray], metadata: Mapping[str, Any]) -> None:
+    """Inside ``index.transaction()``: add the pages of ``path`` (one vector matrix per page, in page
+    order) and delete its pages of older content, unless this content is indexed already (by another
+    writer meanwhile); the outcome goes into ``report``. Every writer of files (this module and the Ray
+    path, :mod:`vision_rag.distributed`) decides here, under the write lock."""
+    previous = _indexed(index, path, content_hash)
+    if previous is None:
+        report.files_unchanged.append(str(path))
+        return
+    records = [PageRecord(document_id=str(path), page_number=n, source_path=str(path), content_hash=content_hash,
+                          metadata=dict(metadata)) for n in range(len(vectors))]
+    ids = index.add(list(zip(records, vectors, strict=True)))
+    index.delete([p.page_id for p in previous])
+    report.page_ids.extend(ids)
+    report.pages_added += len(ids)
+    report.pages_replaced += len(previous)
+    report.files_indexed.append(str(path))
 
 
 def _indexed(index: Index, path: Path, content_hash: str) -> list[Page] | None:

@@ -1,7 +1,11 @@
 """The web app: page search over a vision_rag index and grounded statistical answers, on one small server.
 
-    create_app(index_dir=None, store=None, embedder=None, llm=None)  -> a FastAPI app
-    serve(..., host="127.0.0.1", port=8000)                          -> runs it with uvicorn
+    create_app(index_dir=None, store=None, embedder=None, llm=None, index=None)  -> a FastAPI app
+    serve(..., host="127.0.0.1", port=8000)                                      -> runs it with uvicorn
+
+``index_dir`` may hold a plain or a sharded collection (searched in this process); ``index`` is an index
+already opened, e.g. :class:`vision_rag.ray_shards.RayShardedIndex` (``gemma-ground serve --ray``): a search
+then says which shards did not answer (``missing_shards``), never silently partial.
 
 Pages (plain HTML + vanilla JS from ``static/``, no build step): ``/`` search (query box, results with page
 thumbnails and scores, a toggle overlaying the similarity map on each page) and ``/stats`` (question box,
@@ -98,6 +102,9 @@ class SearchResponse(BaseModel):
     pages_in_index: int
     hits: list[SearchHit]
     elapsed_ms: float
+    shards: int = Field(default=1, description="shards the index is split into")
+    missing_shards: list[int] = Field(default_factory=list,
+                                      description="shards that did not answer: the hits come from the others")
 
 
 class AskRequest(BaseModel):
@@ -112,6 +119,8 @@ class StatusResponse(BaseModel):
     statistics_source: str
     llm: str | None = None
     guard: str | None = None  # the safety guard screening questions and answers, if any
+    shards: int | None = None
+    missing_shards: list[int] = Field(default_factory=list, description="shards not answering now")
 
 
 class ErrorBody(BaseModel):
@@ -158,14 +167,15 @@ def _stat_source(store) -> StatSource:
 class _Search:
     """The index, its embedder and small caches of rendered images; one embedding at a time."""
 
-    def __init__(self, index_dir, embedder):
-        from vision_rag.index import Index
+    def __init__(self, index_dir, embedder, index=None):
+        from vision_rag.sharded import open_collection
 
-        self.index = Index.open(index_dir)  # refuses a directory that holds no index, with the reason
+        # A plain or sharded index; refuses a directory that holds no index, with the reason.
+        self.index = index if index is not None else open_collection(index_dir)
         if embedder is None:
             from vision_rag.colpali import ColPaliEmbedder, read_embedder_record
 
-            record = read_embedder_record(index_dir)
+            record = read_embedder_record(index_dir) if index_dir is not None else None
             if record is None:
                 raise WebAppError(f"{index_dir} has no embedder.json naming the model that built it; pass the "
                                   "ColPali checkpoint (serve --colpali SOURCE / create_app(embedder=...))")
@@ -194,6 +204,14 @@ class _Search:
             return self.index.get(page_id)
         except PageNotFoundError:
             raise ApiError(404, "page_not_found", f"no page with id {page_id} in the index") from None
+
+    def shard_state(self) -> tuple[int | None, list[int]]:
+        """(shards, shards not answering now) of a sharded index; (None, []) for a plain one."""
+        status = getattr(self.index, "status", None)
+        if status is None:
+            return getattr(self.index, "n_shards", None), []
+        shards = status(timeout_s=5.0)
+        return len(shards), [s.shard for s in shards if not s.available]
 
     def png(self, key: tuple, render) -> bytes:
         """Rendered PNGs by (kind, page id, generation, size...): the last 256 are kept."""
@@ -280,7 +298,7 @@ def http_protocol(limits: RequestLimits = LIMITS):
     return hardened_protocol(_error_document, limits, headers=_SECURITY_HEADERS)
 
 
-def create_app(index_dir: str | Path | None = None, store=None, embedder=None, llm=None, *,
+def create_app(index_dir: str | Path | None = None, store=None, embedder=None, llm=None, *, index=None,
                max_new_tokens: int = 512, limits: RequestLimits = LIMITS, guard=None) -> FastAPI:
     """The web app.
 
@@ -289,10 +307,11 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
     ``store``: the statistics — a StatSource, a grounding Store or the path of a store file (default: the
     embedded Gapminder store); ``llm``: a grounding LLM or LangChain chat model that writes answers
     (None: the retrieved statistics are stated plainly, with their sources); ``limits``: request body
-    size and time limits (serve with ``http_protocol(limits)`` for the head timeout); ``guard``: a safety guard
-    (:func:`models.load_guard`) screening each question and answer (a refusal shows the scores).
+    size and time limits (serve with ``http_protocol(limits)`` for the head timeout); ``index``: the index of
+    ``index_dir`` already opened (e.g. a :class:`vision_rag.ray_shards.RayShardedIndex`); ``guard``: a safety
+    guard (:func:`models.load_guard`) screening each question and answer (a refusal shows the scores).
     """
-    search = _Search(index_dir, embedder) if index_dir is not None else None
+    search = _Search(index_dir, embedder, index) if index_dir is not None or index is not None else None
     source = _stat_source(store)
     model = None
     if llm is not None:
@@ -321,6 +340,15 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
                              for e in exc.errors())
         return _error(422, "invalid_request", problems or "invalid request")
 
+    if search is not None:
+        from vision_rag.sharded import ShardUnavailableError
+
+        @app.exception_handler(ShardUnavailableError)
+        async def shard_unavailable(request: Request, exc: ShardUnavailableError):
+            log.warning("%s: %s", request.url.path, exc)
+            return _error(503, "shard_unavailable", f"shards {exc.shards} of the index are not answering; "
+                          "try again shortly (they are being restarted)")
+
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception):
         log.exception("error serving %s", request.url.path)
@@ -345,12 +373,15 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
 
     @app.get("/api/status", response_model=StatusResponse, tags=["status"])
     def status() -> StatusResponse:
-        """What this server can do: search (and over how many pages), the statistics source, the LLM."""
+        """What this server can do: search (and over how many pages, in how many shards), the statistics
+        source, the LLM."""
+        shards, missing = search.shard_state() if search else (None, [])
         return StatusResponse(search_enabled=search is not None,
                               pages_in_index=len(search.index) if search else None,
                               model_id=search.index.model_id if search else None,
                               statistics_source=source.name, llm=None if model is None else repr(model),
-                              guard=None if guard is None else repr(guard))
+                              guard=None if guard is None else repr(guard),
+                              shards=shards, missing_shards=missing)
 
     @app.post("/api/search", response_model=SearchResponse, tags=["search"],
               responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
@@ -387,7 +418,8 @@ def create_app(index_dir: str | Path | None = None, store=None, embedder=None, l
                 page_number=hit.page.page_number + 1, text=text, image_url=f"{base}/image",
                 thumbnail_url=f"{base}/image?size={THUMBNAIL_SIDE}", simmap_url=f"{base}/simmap?query={quoted}"))
         return SearchResponse(query=request.query, model_id=s.index.model_id, pages_in_index=len(s.index), hits=out,
-                              elapsed_ms=round(1000 * (time.perf_counter() - started), 1))
+                              elapsed_ms=round(1000 * (time.perf_counter() - started), 1),
+                              shards=getattr(hits, "shards", 1), missing_shards=getattr(hits, "missing_shards", []))
 
     png = {"content": {"image/png": {}}, "description": "a PNG image"}
 
@@ -467,10 +499,10 @@ def _source_gone(page_id: int, error: Exception) -> ApiError:
                     "re-index it")
 
 
-def serve(index_dir: str | Path | None = None, store=None, embedder=None, llm=None, *, host: str = "127.0.0.1",
-          port: int = 8000, log_level: str = "info", guard=None) -> None:
+def serve(index_dir: str | Path | None = None, store=None, embedder=None, llm=None, *, index=None,
+          host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", guard=None) -> None:
     """Run the web app with uvicorn (bound to 127.0.0.1 unless ``host`` says otherwise)."""
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: the app has no authentication; anyone who can reach it can use it", host)
-    app = create_app(index_dir, store=store, embedder=embedder, llm=llm, guard=guard)
+    app = create_app(index_dir, store=store, embedder=embedder, llm=llm, index=index, guard=guard)
     run_server(app, host, port, protocol=http_protocol(), log_level=log_level)

@@ -1,8 +1,10 @@
 """``gemma-ground serve``: the web app (page search + grounded statistics) on 127.0.0.1.
 
-    gemma-ground serve [--index DIR] [--colpali SOURCE] [--llm SPEC] [--guard MODEL] [--store FILE] [--host H] [--port P]
+    gemma-ground serve [--index DIR] [--colpali SOURCE] [--llm SPEC] [--guard MODEL] [--store FILE] [--host H]
+                       [--port P] [--ray [ADDRESS] [--shards N]]
 
-Thin: parses arguments and calls :func:`webapp.serve`.
+Thin: parses arguments and calls :func:`webapp.serve` (with ``--ray``, on a
+:class:`vision_rag.ray_shards.RayShardedIndex`: each shard of ``--index`` held by a Ray actor).
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="hold each shard of --index in a Ray actor and fan searches out to them (no ADDRESS: a local "
+                        "cluster; 'auto': the one `ray start` runs here; HOST:PORT or ray://HOST:10001)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="the number of shards --index holds (checked; built by `gemma-ground index --shards N`)")
+    p.add_argument("--shard-timeout", type=float, default=30.0,
+                   help="seconds a search waits for each shard before answering without it (default 30)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -54,6 +63,23 @@ def _cmd_serve(args) -> int:
         from models.guard import load_guard
 
         guard = load_guard(args.guard, device=args.device, threshold=args.guard_threshold)
+    index = None
+    if args.ray is not None:
+        if args.index is None:
+            raise ValueError("--ray serves the shards of --index DIR; give the index directory")
+        from vision_rag.distributed import connect
+        from vision_rag.ray_shards import RayShardedIndex
+
+        connect(args.ray)
+        index = RayShardedIndex(args.index, shards=args.shards, timeout_s=args.shard_timeout)
+        print(f"{index.n_shards} shard actors on Ray hold {args.index}", file=sys.stderr)
+    elif args.shards is not None:
+        raise ValueError("--shards needs --ray (without it a sharded --index is searched in this process)")
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
-    serve(args.index, store=args.store, embedder=embedder, llm=llm, host=args.host, port=args.port, guard=guard)
+    try:
+        serve(args.index, store=args.store, embedder=embedder, llm=llm, index=index, host=args.host, port=args.port,
+              guard=guard)
+    finally:
+        if index is not None:
+            index.close()
     return 0

@@ -37,6 +37,10 @@ form.addEventListener("submit", async (event) => {
     const data = await postJSON("/api/search", {query: form.query.value, k: Number(form.k.value) || 5});
     results.replaceChildren(...data.hits.map(renderHit));
     summary.textContent = `${data.hits.length} of ${data.pages_in_index} pages, ${data.elapsed_ms} ms`;
+    if (data.missing_shards && data.missing_shards.length) {
+      summary.textContent += ` — incomplete: shard(s) ${data.missing_shards.join(", ")} of ${data.shards} did not ` +
+        "answer, these results come from the others";
+    }
     applyOverlay();
   } catch (error) {
     results.replaceChildren();
