@@ -78,9 +78,10 @@ class LocalSource:
     name = "local"
 
     def __init__(self, store: StatStore | None = None, threshold: float = DEFAULT_THRESHOLD,
-                 matcher: VariableMatcher | None = None):
+                 matcher: VariableMatcher | None = None, embedding_model: str | None = None):
+        """``embedding_model``: as for :class:`~grounding.resolution.Resolver` (``"none"``: lexical only)."""
         self.store = store if store is not None else open_default_store()
-        self.resolver = Resolver(self.store, threshold=threshold, matcher=matcher)
+        self.resolver = Resolver(self.store, threshold=threshold, matcher=matcher, embedding_model=embedding_model)
 
     def __repr__(self) -> str:
         return f"LocalSource({self.store!r}, threshold={self.resolver.threshold})"

@@ -27,7 +27,10 @@ def open_source(kind: Literal["local", "nl", "rest"] | None = None, **settings: 
     Settings:
       local: ``store`` (a store, or the path of a store file: packed or made with ``python -m
              grounding.store``; default the shipped default store), ``threshold``, ``matcher`` (a
-             :class:`~grounding.variable_match.VariableMatcher`; default the lexical one).
+             :class:`~grounding.variable_match.VariableMatcher`; default the lexical matcher fused with
+             the hybrid index), ``embedding_model`` (for that index: a sentence-transformers directory
+             or name, ``"none"`` for lexical only; default ``$GEMMA_GROUNDING_EMBEDDING_MODEL``, else
+             all-MiniLM-L6-v2).
       nl:    ``base_url`` (default the public endpoint), ``api_key``, ``key_param`` ("key"; "apikey" for
              self-hosted Data Commons), ``policy`` (RetryPolicy), ``cache_dir``, ``cache_ttl``.
       rest:  ``base_url``, ``api_key``, ``policy``, ``cache_dir``, ``cache_ttl``, ``threshold``.
@@ -41,8 +44,9 @@ def open_source(kind: Literal["local", "nl", "rest"] | None = None, **settings: 
             store = open_store(store)
         threshold = settings.pop("threshold", DEFAULT_THRESHOLD)
         matcher = settings.pop("matcher", None)
+        embedding_model = settings.pop("embedding_model", None)
         _no_extra(kind, settings)
-        return LocalSource(store, threshold=threshold, matcher=matcher)
+        return LocalSource(store, threshold=threshold, matcher=matcher, embedding_model=embedding_model)
     if "policy" in settings and not isinstance(settings["policy"], RetryPolicy):
         raise TypeError(f"policy must be a grounding.http.RetryPolicy, got {type(settings['policy']).__name__}")
     if kind == "nl":
