@@ -35,10 +35,10 @@ import hashlib
 import logging
 import math
 import os
-import weakref
 import re
 import sqlite3
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import lru_cache

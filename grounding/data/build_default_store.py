@@ -489,7 +489,6 @@ def add_variable_index(store_path: Path) -> int:
 
     from grounding.packed_store import PackedStore
     from grounding.variable_index import VariableIndex, load_embedder, store_variable_docs
-
     from models.sentence_embedder import DEFAULT_EMBEDDING_MODEL
 
     store = PackedStore(store_path)
