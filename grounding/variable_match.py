@@ -11,7 +11,8 @@ explains, then by how few words of its name the question left out, then by the s
 (``priority``: lower first), so "life expectancy of women" finds the female series and "life
 expectancy" the general one.
 
-The hybrid lexical + dense index (``grounding.variable_index``) implements the same interface.
+The hybrid lexical + dense index (``grounding.variable_index``) implements the same interface, and
+the resolver's default (``grounding.variable_index.HybridVariableMatcher``) fuses the two.
 """
 
 from __future__ import annotations
