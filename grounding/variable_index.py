@@ -59,6 +59,7 @@ __all__ = ["VariableDoc", "VariableCandidate", "VariableIndex", "FusionWeights",
 FORMAT_VERSION = 1
 VECTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
 DEFAULT_THRESHOLD = 0.5
+OUTVOTE_SCORE = 0.6  # HybridVariableMatcher: the hybrid score at which meaning outvotes a partial name match
 SEMANTIC_THRESHOLD = 0.9  # HybridVariableMatcher: the hybrid score at which meaning alone may decide
 logger = logging.getLogger(__name__)
 DEFAULT_SEARCH_MODEL_PATH = Path(__file__).resolve().parent / "data" / "variable_search.safetensors"
@@ -582,6 +583,17 @@ class HybridVariableMatcher:
         self.threshold = threshold
         self.semantic_threshold = semantic_threshold
 
+    def _outvoted(self, lex: VariableCandidate, hyb: VariableCandidate | None, best_hybrid: float) -> bool:
+        """A name that explains under half of the question's content words ("how many people" in "how many
+        people died in earthquakes") does not decide when another variable is clearly closer in meaning
+        (a hybrid score of at least ``OUTVOTE_SCORE`` and above this variable's own): its lexical score is
+        scaled by twice its coverage, which puts it under the threshold, so the resolver abstains rather
+        than answer with the wrong statistic."""
+        if lex.coverage is None or lex.coverage >= 0.5:
+            return False
+        own = hyb.score if hyb is not None else 0.0
+        return best_hybrid >= OUTVOTE_SCORE and best_hybrid > own
+
     def _semantic(self, score: float) -> float:
         return score if score >= self.semantic_threshold else score * self.threshold / self.semantic_threshold
 
@@ -589,11 +601,16 @@ class HybridVariableMatcher:
         pool = max(k, 20)
         lexical = {c.dcid: (rank, c) for rank, c in enumerate(self.lexical.search(query, k=pool))}
         hybrid = {c.dcid: (rank, c) for rank, c in enumerate(self.index.search(query, k=pool))}
+        best_hybrid = max((c.score for _, c in hybrid.values()), default=0.0)
         fused = []
         for dcid in dict.fromkeys([*lexical, *hybrid]):
             lex_rank, lex = lexical.get(dcid, (pool, None))
             hyb_rank, hyb = hybrid.get(dcid, (pool, None))
             lex_score = lex.score if lex else 0.0
+            if lex is not None and self._outvoted(lex, hyb, best_hybrid):
+                lex_score = round(lex_score * 2 * lex.coverage, 4)
+                lex = lex.model_copy(update={"reason": f"{lex.reason} (a minority of the question, and another "
+                                                       f"variable is closer in meaning: x{2 * lex.coverage:.2f})"})
             hyb_score = round(self._semantic(hyb.score), 4) if hyb else 0.0
             if hyb is not None and (lex is None or hyb_score > lex_score):
                 reason = f"{hyb.reason}; semantic {hyb.score:.2f} > lexical {lex_score:.2f}"

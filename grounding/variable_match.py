@@ -78,6 +78,7 @@ class VariableCandidate(BaseModel):
     lexical_score: float
     dense_score: float = 0.0
     reason: str
+    coverage: float | None = None  # share of the question's content words the variable's text explains
 
 
 @runtime_checkable
@@ -155,5 +156,6 @@ class LexicalVariableIndex:
                             self._priority.get(doc.dcid, 0.0), doc.dcid), score, reason, explained))
         ranked.sort(key=lambda r: r[0])
         return [VariableCandidate(dcid=key[-1], score=round(score, 4), lexical_score=round(score, 4),
-                                  reason=f"{reason}; explains {explained}/{len(content)} question words")
+                                  reason=f"{reason}; explains {explained}/{len(content)} question words",
+                                  coverage=round(explained / len(content), 4) if content else None)
                 for key, score, reason, explained in ranked[:k]]

@@ -78,6 +78,32 @@ def test_fusion_takes_the_larger_score_and_needs_confidence_from_meaning_alone()
         HybridVariableMatcher(lexical, hybrid, threshold=0.75, semantic_threshold=0)
 
 
+class _Covering(_Stub):
+    """A lexical stub whose candidates also say how much of the question they explain."""
+
+    def __init__(self, scores: dict[str, tuple[float, float]]):
+        super().__init__({d: s for d, (s, _) in scores.items()})
+        self.coverage = {d: c for d, (_, c) in scores.items()}
+
+    def search(self, query, k=10):
+        return [c.model_copy(update={"coverage": self.coverage[c.dcid]}) for c in super().search(query, k)]
+
+
+def test_a_partial_name_match_is_outvoted_by_a_closer_meaning():
+    # "how many people died in earthquakes": the name "people" explains 1 of 3 content words.
+    lexical = _Covering({"population": (1.0, 1 / 3), "deaths": (0.5, 2 / 3)})
+    fused = HybridVariableMatcher(lexical, _Stub({"deaths": 0.8, "population": 0.3}), threshold=0.75)
+    found = {c.dcid: c for c in fused.search("q")}
+    assert found["population"].score == pytest.approx(2 / 3, abs=1e-4)  # 1.0 x 2 x 1/3, under the threshold
+    assert "closer in meaning" in found["population"].reason
+    assert found["deaths"].score < fused.threshold  # meaning alone is still not confident: the resolver abstains
+    # Kept as is: half the words explained, or no competitor at least 0.6 in meaning, or the best meaning itself.
+    for coverage, competitor, own in ((0.5, 0.8, 0.3), (1 / 3, 0.55, 0.3), (1 / 3, 0.8, 0.8)):
+        fused = HybridVariableMatcher(_Covering({"population": (1.0, coverage)}),
+                                      _Stub({"deaths": competitor, "population": own}), threshold=0.75)
+        assert {c.dcid: c.score for c in fused.search("q")}["population"] == 1.0, (coverage, competitor, own)
+
+
 def test_default_store_ships_current_vectors(embedder):
     store = PackedStore(DEFAULT_STORE_PATH)  # a fresh object: nothing cached in this process for it
     counting = _Counting(embedder)

@@ -250,10 +250,12 @@ QUESTIONS = [  # (question, variable, place, date, value text)
     ("CO2 intensity of the economy of Poland in 2010",
      "sg/co2_intensity_of_economic_output_kg_co2_per_2021_ppp_of_gdp", "country/POL", "2010", "0.31935"),
     ("Internet users in Sweden in 2020", "sg/internet_users", "country/SWE", "2020", "94.5394"),
+    # "people" alone names Population; the hybrid matcher outvotes that partial match.
+    ("What share of people in Sweden used the internet in 2020?", "sg/internet_users", "country/SWE", "2020",
+     "94.5394"),
 ]
 # Known misses (abstentions, not wrong values): kept visible rather than tuned away.
 KNOWN_MISSES = [
-    "What share of people in Sweden used the internet in 2020?",  # "people" pulls Population; "share" blocks it
     "What percentage of Kenyans lived in cities in 2020?",  # demonym -> "people" -> Population
     "How many Swedes were there in 2002?",  # "Swedes" is not countryinfo's demonym ("Swedish")
 ]
