@@ -66,7 +66,8 @@ def test_rescored_head_gives_exact_logits_at_its_candidates():
     torch.testing.assert_close(got.gather(-1, top), exact.gather(-1, top), atol=1e-5, rtol=1e-5)
     assert not torch.equal(approx.gather(-1, top), exact.gather(-1, top))  # rescoring changed something
     assert torch.equal(got.argmax(-1), exact.argmax(-1))
-    assert (got - exact).abs().max() < 0.5  # elsewhere the int4 approximation, not garbage
+    # elsewhere the int4 approximation: within a bound relative to the logit scale, not garbage
+    assert (got - exact).abs().max() < 0.25 * exact.abs().max()
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
