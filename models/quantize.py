@@ -88,6 +88,8 @@ class Int4Linear(nn.Module):
         rows, cols = weight.shape
         if cols % group:
             raise ValueError(f"int4 needs the input size ({cols}) to be a multiple of the group size {group}")
+        if rows % 16:  # the packing kernel wants outputs in multiples of 16: pad with zero rows
+            weight = torch.cat([weight, weight.new_zeros(16 - rows % 16, cols)])
         packed, scales_zeros = [], []
         for start in range(0, rows, _ROWS_PER_CHUNK):
             q, scale, low = int4_weight(weight[start:start + _ROWS_PER_CHUNK], group)
@@ -102,12 +104,14 @@ class Int4Linear(nn.Module):
         """The fp32 matrix the kernel multiplies by (its definition, for tests)."""
         eye = torch.eye(self.in_features, dtype=torch.bfloat16)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight_int4, self.group,
-                                                          self.scales_zeros).float().T
+                                                          self.scales_zeros)[:, :self.out_features].float().T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.group, self.scales_zeros)
+        if out.shape[-1] != self.out_features:
+            out = out[:, :self.out_features]
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
