@@ -82,3 +82,29 @@ def test_not_a_gguf_and_missing_file(tmp_path):
         load_model(tmp_path / "absent.gguf")
     with pytest.raises(GGUFError, match="not a GGUF file"):
         read_gguf_metadata(fake)
+
+
+def test_int8_mode_greedy_tokens_equal_fp32(gemma3_270m_gguf, gemma3_270m_model, gemma3_270m_tokenizer):
+    """``quantize="int8"`` (int8 projections, int4 LM head rescored exactly) keeps the first 32 greedy
+    tokens of the fp32 model on the real weights (issue 17's bar for a fast CPU mode).
+
+    One exception is allowed and checked: a step where fp32's own two best logits are within
+    ``NEAR_TIE`` of each other, which any rounding may flip (the France prompt has one at its 32nd
+    token: 20.922 vs 20.903); the comparison ends there.
+    """
+    near_tie = 0.05
+    quantized = load_model(gemma3_270m_gguf, quantize="int8")
+    assert getattr(quantized, "lm_head_quantized", None) is not None
+    full_matches = 0
+    for prompt in PROMPTS:
+        ids = gemma3_270m_tokenizer.encode(prompt)
+        expected = generate_ids(gemma3_270m_model, [ids], max_new_tokens=32, stop_token_ids=[])[0]
+        got = generate_ids(quantized, [ids], max_new_tokens=32, stop_token_ids=[])[0]
+        first_diff = next((i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b), None)
+        if first_diff is None:
+            full_matches += 1
+            continue
+        with torch.no_grad():
+            best = gemma3_270m_model(torch.tensor([ids + expected[:first_diff]]))[0, -1].topk(2).values
+        assert first_diff >= 24 and best[0] - best[1] < near_tie, (prompt, first_diff, best.tolist())
+    assert full_matches >= 1
