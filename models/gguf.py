@@ -386,11 +386,25 @@ def _q4_0(b: torch.Tensor) -> torch.Tensor:
     return _f16(b[:, :2]) * q.float()
 
 
+# Bit tricks on 64-bit words (8 values at a time): torch's uint8 shifts and broadcasts are slow.
+_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
+_SPREAD = 0x0101010101010101  # byte b -> b in all 8 bytes
+_BIT_PER_BYTE = 0x8040201008040201 - (1 << 64)  # keep bit k in byte k (as a signed int64)
+_BYTE_HIGH = 0x8080808080808080 - (1 << 64)
+_SEVEN_F = 0x7F7F7F7F7F7F7F7F
+
+
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    # bit j of the little-endian u32 qh is the fifth bit of value j
-    high = _bits(b[:, 2:6], 1).transpose(1, 2).reshape(b.shape[0], 32)
-    q = (_nibbles(b[:, 6:22], 1).reshape(b.shape[0], 32) | (high << 4)).to(torch.int8) - 16
-    return _f16(b[:, :2]) * q.float()
+    n = b.shape[0]
+    qs = b[:, 6:22].contiguous().view(torch.int64)  # 16 bytes: values j (low nibble), j + 16 (high)
+    nibbles = torch.cat([qs & _LOW_NIBBLES, (qs >> 4) & _LOW_NIBBLES], dim=1)
+    # bit j of the little-endian u32 qh is bit 4 of value j: spread each byte's 8 bits over 8 bytes,
+    # then turn every non-zero byte into 16 (its high bit via a carry-free add, shifted down)
+    spread = (b[:, 2:6].long() * _SPREAD) & _BIT_PER_BYTE
+    fifth = (((spread + _SEVEN_F) | spread) & _BYTE_HIGH) >> 3
+    q = (nibbles | (fifth & 0x1010101010101010)).view(torch.uint8)
+    out = torch.empty(n, 32)
+    return out.copy_(q).sub_(16).mul_(_f16(b[:, :2]))
 
 
 def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
