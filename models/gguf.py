@@ -214,7 +214,7 @@ class _Header:
         if len(parts) == count + 1:
             return parts[1:]
         # Some string holds a NUL itself (never in Gemma vocabularies): decode them one by one.
-        return [bytes(buf[s:s + n]).decode("utf-8") for s, n in zip(starts.tolist(), lengths.tolist())]
+        return [bytes(buf[s:s + n]).decode("utf-8") for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
 
     def value(self, vtype: int, what: str) -> Any:
         if vtype == _STRING:

@@ -237,7 +237,7 @@ def tokenizer_from_vocabulary(pieces: Sequence[str], types: Sequence[int] | None
     whitespace_run = [t == USER_DEFINED and set(p) == {SPACE} for p, t in zip(pieces, types, strict=True)]
     mergeable = [t == NORMAL or ws for t, ws in zip(types, whitespace_run, strict=True)]
     # A duplicated piece keeps its best (first) rank: later entries are written first and overwritten.
-    vocab = dict(zip(reversed(pieces), range(len(pieces) - 1, -1, -1)))
+    vocab = dict(zip(reversed(pieces), range(len(pieces) - 1, -1, -1), strict=True))
     unk = next((p for p, t in zip(pieces, types, strict=True) if t == UNKNOWN),
                "<unk>" if "<unk>" in vocab else None)
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=derive_merges(pieces, mergeable), unk_token=unk,
