@@ -27,6 +27,7 @@ import os
 import re
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -445,6 +446,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
 
 
 _DEQUANTIZERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q5_0": _q5_0, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_CHUNK_VALUES = 1 << 22  # tensors above this many values are dequantised in row chunks of about this size
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
@@ -487,14 +489,61 @@ def read_gguf(path: str | os.PathLike) -> tuple[GemmaConfig, dict[str, torch.Ten
     arch = _architecture(path, metadata)
     config = _config_from_metadata(path, metadata)
     data = torch.frombuffer(_map(path), dtype=torch.uint8)
-    state: dict[str, torch.Tensor] = {}
-    for info in tensors:
-        key = gguf_to_hf_name(info.name, arch)
-        tensor = _dequantize(path, data, info)
+    state = dict(zip((gguf_to_hf_name(info.name, arch) for info in tensors),
+                     _dequantize_all(path, data, tensors), strict=True))
+    for key, tensor in state.items():
         if key.endswith("norm.weight"):
             tensor -= 1.0  # stored as 1 + w
-        state[key] = tensor
     return config, state, dict(metadata)
+
+
+def _dequantize_all(path: Path, data: torch.Tensor, tensors: list[GGUFTensorInfo]) -> list[torch.Tensor]:
+    """Every tensor, dequantised by one Python thread per torch thread, each running torch ops on
+    one thread; large tensors are split into row chunks written into their output in place.
+
+    torch's own intra-op threads meet at a barrier after every op: on a busy machine (more runnable
+    threads than cores) each barrier waits for a time slice, which made loading several times
+    slower. Independent single-threaded pieces keep both cores busy without any barrier.
+    """
+    workers = torch.get_num_threads()
+    outputs, pieces = [], []
+    for info in tensors:
+        rows = info.shape[0]
+        if (info.type_name in _FLOATS or len(info.shape) < 2 or rows * info.shape[-1] < _CHUNK_VALUES
+                or workers == 1):
+            outputs.append(None)
+            pieces.append((len(outputs) - 1, info, None))
+            continue
+        out = torch.empty(info.shape)
+        outputs.append(out)
+        step = max(1, _CHUNK_VALUES // info.shape[-1])
+        row_bytes = info.nbytes // rows
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            part = GGUFTensorInfo(name=info.name, type_name=info.type_name, type_id=info.type_id,
+                                  shape=(stop - start, *info.shape[1:]), offset=info.offset + start * row_bytes,
+                                  nbytes=(stop - start) * row_bytes)
+            pieces.append((len(outputs) - 1, part, out[start:stop]))
+
+    def run(piece) -> None:
+        index, info, target = piece
+        values = _dequantize(path, data, info)
+        if target is None:
+            outputs[index] = values
+        else:
+            target.copy_(values)
+
+    if workers == 1:
+        for piece in pieces:
+            run(piece)
+        return outputs
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(run, pieces))
+    finally:
+        torch.set_num_threads(workers)
+    return outputs
 
 
 def load_gguf_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu"):
