@@ -20,6 +20,9 @@ greedy tokens agree with fp32, and ``tests/models/test_real_weights.py`` checks 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -135,6 +138,21 @@ class RescoredHead(nn.Module):
         return logits
 
 
+def _run_single_threaded(jobs: list) -> list:
+    """Run independent conversions on one Python thread per torch thread, each with one torch thread:
+    no barrier after every op, which on a busy machine (more runnable threads than cores) costs a
+    time slice each."""
+    workers = torch.get_num_threads()
+    if workers == 1:
+        return [job() for job in jobs]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda job: job(), jobs))
+    finally:
+        torch.set_num_threads(workers)
+
+
 def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
     return torch.cat([m.weight.detach() for m in linears], dim=0)
 
@@ -151,14 +169,19 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
     if not isinstance(model, GemmaLM):
         raise ValueError(f"quantize={mode!r} applies to Gemma text decoders, not {type(model).__name__}")
     linear = Int8Linear if mode == "int8" else Int4Linear
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = linear(_fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
-        attn.o_proj = linear(attn.o_proj.weight)
-        del attn.q_proj, attn.k_proj, attn.v_proj
-        mlp.gate_up_proj = linear(_fuse([mlp.gate_proj, mlp.up_proj]))
-        mlp.down_proj = linear(mlp.down_proj.weight)
-        del mlp.gate_proj, mlp.up_proj
     head = model.lm_head.weight if hasattr(model, "lm_head") else model.model.embed_tokens.weight
-    model.lm_head_quantized = RescoredHead(head)
+    jobs = {"lm_head_quantized": lambda: RescoredHead(head)}  # the largest first
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        prefix = f"model.layers.{i}."
+        jobs[prefix + "self_attn.qkv_proj"] = partial(linear, _fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
+        jobs[prefix + "self_attn.o_proj"] = partial(linear, attn.o_proj.weight)
+        jobs[prefix + "mlp.gate_up_proj"] = partial(linear, _fuse([mlp.gate_proj, mlp.up_proj]))
+        jobs[prefix + "mlp.down_proj"] = partial(linear, mlp.down_proj.weight)
+    for name, module in zip(jobs, _run_single_threaded(list(jobs.values())), strict=True):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
+    for layer in model.model.layers:
+        del layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj
+        del layer.mlp.gate_proj, layer.mlp.up_proj
     return model
