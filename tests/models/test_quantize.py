@@ -99,3 +99,14 @@ def test_quantised_gemma_stays_close_to_fp32(mode):
 def test_quantize_setting_is_checked():
     with pytest.raises(ValueError, match="quantize must be None or one of 'int8', 'int4'"):
         load_model("gemma-3-270m", quantize="int2")
+
+
+def test_training_refuses_a_quantised_head():
+    from models.lm_loss import output_embedding
+
+    config = GemmaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    model = GemmaLM(config).eval()
+    assert output_embedding(model) is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="floating-point LM head"):
+        output_embedding(quantize_model(model, "int8"))
