@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .config import FULL, SLIDING, ConfigError, GemmaConfig
-from .loading import CheckpointError, assign_weights
+from .loading import CheckpointError, assign_weights, meta_construction
 
 __all__ = ["GGUFError", "GGUFTensorInfo", "read_gguf", "read_gguf_metadata", "load_gguf_model",
            "gguf_to_hf_name", "SUPPORTED_ARCHITECTURES"]
@@ -552,7 +552,7 @@ def load_gguf_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
     from .gemma import GemmaLM
 
     config, state, _ = read_gguf(path)
-    with torch.device("meta"):
+    with meta_construction():
         model = GemmaLM(config)
     assign_weights(model, state, dtype=dtype, device=device, ignored=IGNORED_KEYS, source=str(path))
     return model.eval()

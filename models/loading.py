@@ -20,7 +20,9 @@ import math
 import mmap
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +34,7 @@ from .config import ConfigError, GemmaConfig, preset
 if TYPE_CHECKING:
     from .recurrent_gemma import RecurrentGemmaConfig
 
-__all__ = ["load_model", "CheckpointError", "read_safetensors", "assign_weights", "resolve_dtype",
+__all__ = ["load_model", "CheckpointError", "read_safetensors", "assign_weights", "resolve_dtype", "meta_construction",
            "init_random_weights", "ARCHITECTURES", "read_hf_config"]
 
 
@@ -188,6 +190,36 @@ def assign_weights(module: nn.Module, state: Mapping[str, torch.Tensor], *, dtyp
     return module.to(device)
 
 
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zeros_", "ones_")
+_init_lock = threading.Lock()
+
+
+@contextmanager
+def meta_construction():
+    """Build modules on the meta device without running their weight initialisers.
+
+    Initialising a meta tensor does no work, but the first such call in a process imports torch's
+    Python decompositions (about 1-2 s here): a cold ``load_model`` paid it for weights that are
+    overwritten at once. The ``torch.nn.init`` functions that ``reset_parameters`` calls are replaced by
+    no-ops while this context is open (as transformers' ``no_init_weights`` does); a lock keeps two
+    loads from interleaving their restores.
+    """
+    with _init_lock:
+        saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, _no_init)
+        try:
+            with torch.device("meta"):
+                yield
+        finally:
+            for name, fn in saved.items():
+                setattr(nn.init, name, fn)
+
+
+def _no_init(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
+
+
 def init_random_weights(module: nn.Module, seed: int | None = 0, std: float = 0.02) -> nn.Module:
     """Random init for preset models: normal(0, std) matrices, zero biases, RMSNorm w = 0 (1 + w = 1)."""
     gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
@@ -216,7 +248,7 @@ def load_hf_directory(directory: str | os.PathLike, *, dtype=None, device="cpu")
     raw = read_hf_config(directory)
     family = _family(raw.get("model_type"), raw)
     dtype = resolve_dtype(dtype, device)
-    with torch.device("meta"):
+    with meta_construction():
         try:
             module = family.build_from_config(raw)
         except ConfigError as e:
