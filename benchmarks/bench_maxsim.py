@@ -8,7 +8,9 @@
    mixing a main topic with others, per-token noise; queries are perturbed tokens of a page, so the
    exact top 10 are that page and its topic neighbours): build time, p50/p95 latency of one query,
    recall@10 against exact search, bytes per page, for the IVF token index at several search
-   settings and for each compression option, with a projection to 1M pages.
+   settings and for each compression option (including PLAID residual compression at 1 and 2 bits,
+   whose candidates come from its centroid postings instead of the IVF token index), with a
+   projection to 1M pages, and a closing table of all options side by side.
 
 Usage: python benchmarks/bench_maxsim.py [--pages 2000] [--ann-sizes 5000,10000,20000] ...
 (every size is a flag; small values make a quick smoke run).
@@ -123,7 +125,8 @@ def _dir_bytes(path: Path) -> tuple[int, int]:
     vectors = sum(p.stat().st_size for p in (path / "data").glob("seg-*.npy")) + sum(
         p.stat().st_size for p in (path / "data").glob("codec-*"))
     ann = sum(p.stat().st_size for p in (path / "data").glob("*.ivf")) + sum(
-        p.stat().st_size for p in (path / "data").glob("ann-*"))
+        p.stat().st_size for p in (path / "data").glob("ann-*")) + sum(
+        p.stat().st_size for p in (path / "data").glob("*.postings.npz"))  # PLAID's token index
     return vectors, ann
 
 
@@ -160,14 +163,24 @@ def bench_ann(args) -> None:
         "pq32": dict(storage="pq", pq_m=32),
         "pool3-fp16": dict(storage="fp16", pool_factor=3),
         "pool3-sq8": dict(storage="sq8", pool_factor=3),
+        "plaid1": dict(storage="plaid", plaid_nbits=1),
+        "plaid2": dict(storage="plaid", plaid_nbits=2),
     }
     truths: dict[int, list[list[int]]] = {}
+    summary: list[tuple] = []
     try:
         for option in options:
             option_sizes = sizes if option in args.full_options.split(",") else sizes[:1]
-            _bench_option(args, corpus, root / option, option, settings[option], option_sizes, query_pages, wanted, truths)
+            summary += _bench_option(args, corpus, root / option, option, settings[option], option_sizes, query_pages,
+                                     wanted, truths)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    print("\n== compression options side by side (per option and size: the search setting with the best recall, "
+          "then the lowest p50)")
+    print("| option | pages | KB/page | recall@10 vs exact fp16 | p50 ms | p95 ms | nprobe/rerank | build ms/page |")
+    print("|---|---|---|---|---|---|---|---|")
+    for option, size, kb, recall, p50, p95, nprobe, rerank, build_ms in summary:
+        print(f"| {option} | {size} | {kb:.1f} | {recall:.3f} | {p50:.1f} | {p95:.1f} | {nprobe}/{rerank} | {build_ms:.1f} |")
 
 
 def exact_fp16_truth(corpus: Corpus, size: int, queries: list[np.ndarray], chunk_pages: int) -> list[list[int]]:
@@ -186,7 +199,7 @@ def _bench_option(args, corpus, directory, option, settings, sizes, query_pages,
     index = Index.open(directory, create=True, model_id="synthetic", dim=args.dim, ann="ivf",
                        autocommit=False, **settings)
     queries_by_page: dict[int, np.ndarray] = {}
-    added, build_s, rows = 0, 0.0, []
+    added, build_s, rows, summary = 0, 0.0, [], []
     for size in sizes:
         while added < size:
             count = min(args.chunk_pages, size - added)
@@ -228,6 +241,9 @@ def _bench_option(args, corpus, directory, option, settings, sizes, query_pages,
               f"{exact_s * 1000:.0f} ms/query for {len(queries)} at once  "
               f"bytes/page {(vec_bytes + ann_bytes) / size / 1024:.1f} KB "
               f"(vectors {vec_bytes / size / 1024:.1f} KB + token index {ann_bytes / size / 1024:.1f} KB)", flush=True)
+        by_recall = max((r for r in rows if r[0] == size), key=lambda r: (round(r[5], 3), -r[3]))
+        summary.append((option, size, (vec_bytes + ann_bytes) / size / 1024, by_recall[5], by_recall[3], by_recall[4],
+                        by_recall[1], by_recall[2], 1000 * build_s / size))
         if len(rows) and rows[-1][0] == size:
             best = min((r for r in rows if r[0] == size), key=lambda r: (r[5] < 0.95, r[3]))
             crossover = best[3] / 1000 / (single_exact_s / size)
@@ -244,6 +260,7 @@ def _bench_option(args, corpus, directory, option, settings, sizes, query_pages,
             print(f"{option:11s} projection to 1M pages (nprobe {nprobe}, rerank {rerank}): latency grows as N^{exponent:.2f} "
                   f"from {s0} to {s1} -> p50 ~{projected:.0f} ms; bytes {(vec_bytes + ann_bytes) / s1 * 1e6 / 2**30:.0f} GiB; "
                   f"build ~{build_s / s1 * 1e6 / 3600:.1f} h at this rate", flush=True)
+    return summary
 
 
 def bench_hnsw(args) -> None:
@@ -281,8 +298,9 @@ def main() -> None:
     parser.add_argument("--skip-exact", action="store_true")
     parser.add_argument("--skip-reference", action="store_true", help="do not time the colpali-engine algorithm")
     parser.add_argument("--ann-sizes", default="5000,10000,20000", help="collection sizes (pages), built incrementally")
-    parser.add_argument("--options", default="fp16,sq8,pq32,pool3-fp16,pool3-sq8", help="compression options to measure")
-    parser.add_argument("--full-options", default="fp16,pq32",
+    parser.add_argument("--options", default="fp16,sq8,pq32,pool3-fp16,pool3-sq8,plaid1,plaid2",
+                        help="compression options to measure")
+    parser.add_argument("--full-options", default="fp16,pq32,plaid2",
                         help="options measured at every size (the others only at the first size)")
     parser.add_argument("--ann-settings", default="8/32,8/64,16/64,16/128", help="nprobe/rerank pairs to measure")
     parser.add_argument("--recall-queries", type=int, default=25)
