@@ -12,15 +12,22 @@
    whose candidates come from its centroid postings instead of the IVF token index), with a
    projection to 1M pages, and a closing table of all options side by side.
 
+3. ``--gpu``: the Triton MaxSim kernel (``kernels.maxsim``) on a CUDA GPU against the torch
+   specification (one einsum per block of pages, fp32 accumulation), TFLOP/s and pages scored per
+   second, bf16 and fp16, after checking the kernel's scores against the reference. With
+   ``--dry-run`` the same runs on the CPU under the Triton interpreter at tiny sizes.
+
 Usage: python benchmarks/bench_maxsim.py [--pages 2000] [--ann-sizes 5000,10000,20000] ...
-(every size is a flag; small values make a quick smoke run).
+(every size is a flag; small values make a quick smoke run); python benchmarks/bench_maxsim.py --gpu.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vision_rag.index import Index
-from vision_rag.scoring import maxsim_packed
+if "--dry-run" in sys.argv:  # the interpreter must be chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from device_results import record  # noqa: E402
+
+from vision_rag.index import Index  # noqa: E402
+from vision_rag.scoring import maxsim_packed  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # The reference algorithm (colpali-engine's score_multi_vector), re-stated
@@ -288,6 +300,52 @@ def bench_hnsw(args) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def bench_gpu(args) -> None:
+    """Triton MaxSim kernel vs the torch specification on padded (N, Ld, D) pages."""
+    from kernels.maxsim import maxsim_reference, maxsim_triton
+
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA GPU (or --dry-run for the CPU interpreter)")
+    n_pages, page_tokens, n_queries = (8, 64, 2) if args.dry_run else (args.gpu_pages, args.page_tokens, args.queries)
+    dtypes = [torch.float32] if args.dry_run else [torch.bfloat16, torch.float16]
+    print(f"\n== MaxSim on {device}{' (Triton interpreter, tiny sizes: not a measurement)' if args.dry_run else ''}: "
+          f"{n_queries} queries x {args.query_tokens} tokens vs {n_pages} pages x {page_tokens} x {args.dim}")
+    for dtype in dtypes:
+        gen = torch.Generator(device=device).manual_seed(0)
+        docs = torch.nn.functional.normalize(
+            torch.randn(n_pages, page_tokens, args.dim, device=device, generator=gen), dim=-1).to(dtype)
+        queries = torch.nn.functional.normalize(
+            torch.randn(n_queries, args.query_tokens, args.dim, device=device, generator=gen), dim=-1).to(dtype)
+
+        def reference(queries=queries, docs=docs):  # blocks of pages bound the (Q, Lq, block, Ld) product
+            return torch.cat([maxsim_reference(queries, docs[i : i + 256]) for i in range(0, n_pages, 256)], dim=1)
+
+        err = (maxsim_triton(queries, docs) - reference()).abs().max().item()
+        # fp32 accumulation on both sides; bf16/fp16 products are exact in fp32, so only summation order differs.
+        limit = 1e-3 * args.query_tokens
+        print(f"  check {str(dtype)[6:]}: max|ours - reference| {err:.2e} (limit {limit:.0e}) {'ok' if err <= limit else 'MISMATCH'}")
+        if err > limit:
+            record("CHECK FAILED", f"maxsim {str(dtype)[6:]}", err, "max|err|", target=f"<= {limit:.0e}")
+        flops = 2.0 * n_queries * args.query_tokens * n_pages * page_tokens * args.dim
+        ours_ms, ref_ms = _time_ms(lambda q=queries, d=docs: maxsim_triton(q, d), device), _time_ms(reference, device)
+        print(f"  {str(dtype)[6:]:>8}: ours {flops / ours_ms / 1e9:7.1f} TFLOP/s ({n_pages / ours_ms * 1000:,.0f} pages/s)  "
+              f"torch reference {flops / ref_ms / 1e9:7.1f} TFLOP/s  ratio {ref_ms / ours_ms:.2f}x")
+        record("MaxSim kernel", f"{str(dtype)[6:]} {n_queries}x{args.query_tokens} q vs {n_pages} x {page_tokens}",
+               flops / ours_ms / 1e9, "TFLOP/s", baseline=flops / ref_ms / 1e9, baseline_name="torch einsum",
+               note=f"{n_pages / ours_ms * 1000:,.0f} pages/s")
+
+
+def _time_ms(fn, device: str) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=10, rep=50)
+    start = time.perf_counter()  # the dry run's interpreter: one call, the figure means nothing
+    fn()
+    return 1000 * (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pages", type=int, default=2000, help="pages for the exact scoring benchmark")
@@ -308,7 +366,13 @@ def main() -> None:
     parser.add_argument("--chunk-pages", type=int, default=500)
     parser.add_argument("--hnsw-pages", type=int, default=200, help="pages for the IVF vs HNSW comparison (0: skip)")
     parser.add_argument("--workdir", default=None, help="where the temporary indexes go (needs ~2x fp16 size)")
+    parser.add_argument("--gpu", action="store_true", help="only the Triton kernel vs torch on a CUDA GPU")
+    parser.add_argument("--gpu-pages", type=int, default=4096, help="pages scored per query batch by --gpu")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: on the CPU interpreter, tiny sizes")
     args = parser.parse_args()
+    if args.gpu:
+        bench_gpu(args)
+        return
     if not args.skip_exact:
         bench_exact(args)
     bench_hnsw(args)
