@@ -177,6 +177,7 @@ def bench_ann(args) -> None:
         "pool3-sq8": dict(storage="sq8", pool_factor=3),
         "plaid1": dict(storage="plaid", plaid_nbits=1),
         "plaid2": dict(storage="plaid", plaid_nbits=2),
+        "plaid4": dict(storage="plaid", plaid_nbits=4),
     }
     truths: dict[int, list[list[int]]] = {}
     summary: list[tuple] = []

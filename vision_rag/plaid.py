@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .clustering import kmeans, nearest_centroids
+from .scoring import SINGLE_THREAD_BELOW_MACS
 
 NBITS = (1, 2, 4)  # residual bits per dimension (whole codes per byte)
 MAX_TRAIN_POINTS = 1 << 17  # k-means sample; more costs training time without changing the centroids much
@@ -140,15 +141,23 @@ class PlaidCodec:
         """MaxSim of each query against the pages whose codes lie at ``offsets`` -> ``(Q, n_pages)``, equal
         to scoring the decoded vectors but ~2x faster: q.x = q.centroid + q.residual, where q.centroid is
         looked up in the query's (Lq, n_centroids) similarities instead of adding centroids to every token."""
-        ids, residual = self._split(codes)
-        starts = np.asarray(offsets[:-1], dtype=np.int64)
-        out = np.empty((len(queries), len(starts)), dtype=np.float32)
-        for i, query in enumerate(queries):
-            q = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32))
-            sims = q @ residual.T  # (Lq, n_tokens)
-            sims += torch.index_select(q @ self._centroids_t.T, 1, ids)
-            out[i] = np.maximum.reduceat(sims.numpy(), starts, axis=1).sum(axis=0)
-        return out
+        macs = sum(len(q) for q in queries) * len(codes) * self.dim
+        previous = torch.get_num_threads()
+        # One thread below maxsim_packed's threshold, as it does: a rerank of 128 pages is too little work
+        # to share, and on the shared 2-core machine two threads made it 2.5x slower (98 vs 230 ms p50).
+        torch.set_num_threads(1 if macs < SINGLE_THREAD_BELOW_MACS else previous)
+        try:
+            ids, residual = self._split(codes)
+            starts = np.asarray(offsets[:-1], dtype=np.int64)
+            out = np.empty((len(queries), len(starts)), dtype=np.float32)
+            for i, query in enumerate(queries):
+                q = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32))
+                sims = q @ residual.T  # (Lq, n_tokens)
+                sims += torch.index_select(q @ self._centroids_t.T, 1, ids)
+                out[i] = np.maximum.reduceat(sims.numpy(), starts, axis=1).sum(axis=0)
+            return out
+        finally:
+            torch.set_num_threads(previous)
 
     def _split(self, codes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Centroid ids ``(n,)`` and decoded residuals ``(n, dim)`` float32 of code rows."""
