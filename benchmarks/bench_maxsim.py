@@ -8,17 +8,26 @@
    mixing a main topic with others, per-token noise; queries are perturbed tokens of a page, so the
    exact top 10 are that page and its topic neighbours): build time, p50/p95 latency of one query,
    recall@10 against exact search, bytes per page, for the IVF token index at several search
-   settings and for each compression option, with a projection to 1M pages.
+   settings and for each compression option (including PLAID residual compression at 1 and 2 bits,
+   whose candidates come from its centroid postings instead of the IVF token index), with a
+   projection to 1M pages, and a closing table of all options side by side.
+
+3. ``--gpu``: the Triton MaxSim kernel (``kernels.maxsim``) on a CUDA GPU against the torch
+   specification (one einsum per block of pages, fp32 accumulation), TFLOP/s and pages scored per
+   second, bf16 and fp16, after checking the kernel's scores against the reference. With
+   ``--dry-run`` the same runs on the CPU under the Triton interpreter at tiny sizes.
 
 Usage: python benchmarks/bench_maxsim.py [--pages 2000] [--ann-sizes 5000,10000,20000] ...
-(every size is a flag; small values make a quick smoke run).
+(every size is a flag; small values make a quick smoke run); python benchmarks/bench_maxsim.py --gpu.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vision_rag.index import Index
-from vision_rag.scoring import maxsim_packed
+if "--dry-run" in sys.argv:  # the interpreter must be chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from device_results import record  # noqa: E402
+
+from vision_rag.index import Index  # noqa: E402
+from vision_rag.scoring import maxsim_packed  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # The reference algorithm (colpali-engine's score_multi_vector), re-stated
@@ -123,7 +137,8 @@ def _dir_bytes(path: Path) -> tuple[int, int]:
     vectors = sum(p.stat().st_size for p in (path / "data").glob("seg-*.npy")) + sum(
         p.stat().st_size for p in (path / "data").glob("codec-*"))
     ann = sum(p.stat().st_size for p in (path / "data").glob("*.ivf")) + sum(
-        p.stat().st_size for p in (path / "data").glob("ann-*"))
+        p.stat().st_size for p in (path / "data").glob("ann-*")) + sum(
+        p.stat().st_size for p in (path / "data").glob("*.postings.npz"))  # PLAID's token index
     return vectors, ann
 
 
@@ -160,14 +175,25 @@ def bench_ann(args) -> None:
         "pq32": dict(storage="pq", pq_m=32),
         "pool3-fp16": dict(storage="fp16", pool_factor=3),
         "pool3-sq8": dict(storage="sq8", pool_factor=3),
+        "plaid1": dict(storage="plaid", plaid_nbits=1),
+        "plaid2": dict(storage="plaid", plaid_nbits=2),
+        "plaid4": dict(storage="plaid", plaid_nbits=4),
     }
     truths: dict[int, list[list[int]]] = {}
+    summary: list[tuple] = []
     try:
         for option in options:
             option_sizes = sizes if option in args.full_options.split(",") else sizes[:1]
-            _bench_option(args, corpus, root / option, option, settings[option], option_sizes, query_pages, wanted, truths)
+            summary += _bench_option(args, corpus, root / option, option, settings[option], option_sizes, query_pages,
+                                     wanted, truths)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    print("\n== compression options side by side (per option and size: the search setting with the best recall, "
+          "then the lowest p50)")
+    print("| option | pages | KB/page | recall@10 vs exact fp16 | p50 ms | p95 ms | nprobe/rerank | build ms/page |")
+    print("|---|---|---|---|---|---|---|---|")
+    for option, size, kb, recall, p50, p95, nprobe, rerank, build_ms in summary:
+        print(f"| {option} | {size} | {kb:.1f} | {recall:.3f} | {p50:.1f} | {p95:.1f} | {nprobe}/{rerank} | {build_ms:.1f} |")
 
 
 def exact_fp16_truth(corpus: Corpus, size: int, queries: list[np.ndarray], chunk_pages: int) -> list[list[int]]:
@@ -186,7 +212,7 @@ def _bench_option(args, corpus, directory, option, settings, sizes, query_pages,
     index = Index.open(directory, create=True, model_id="synthetic", dim=args.dim, ann="ivf",
                        autocommit=False, **settings)
     queries_by_page: dict[int, np.ndarray] = {}
-    added, build_s, rows = 0, 0.0, []
+    added, build_s, rows, summary = 0, 0.0, [], []
     for size in sizes:
         while added < size:
             count = min(args.chunk_pages, size - added)
@@ -228,6 +254,9 @@ def _bench_option(args, corpus, directory, option, settings, sizes, query_pages,
               f"{exact_s * 1000:.0f} ms/query for {len(queries)} at once  "
               f"bytes/page {(vec_bytes + ann_bytes) / size / 1024:.1f} KB "
               f"(vectors {vec_bytes / size / 1024:.1f} KB + token index {ann_bytes / size / 1024:.1f} KB)", flush=True)
+        by_recall = max((r for r in rows if r[0] == size), key=lambda r: (round(r[5], 3), -r[3]))
+        summary.append((option, size, (vec_bytes + ann_bytes) / size / 1024, by_recall[5], by_recall[3], by_recall[4],
+                        by_recall[1], by_recall[2], 1000 * build_s / size))
         if len(rows) and rows[-1][0] == size:
             best = min((r for r in rows if r[0] == size), key=lambda r: (r[5] < 0.95, r[3]))
             crossover = best[3] / 1000 / (single_exact_s / size)
@@ -244,6 +273,7 @@ def _bench_option(args, corpus, directory, option, settings, sizes, query_pages,
             print(f"{option:11s} projection to 1M pages (nprobe {nprobe}, rerank {rerank}): latency grows as N^{exponent:.2f} "
                   f"from {s0} to {s1} -> p50 ~{projected:.0f} ms; bytes {(vec_bytes + ann_bytes) / s1 * 1e6 / 2**30:.0f} GiB; "
                   f"build ~{build_s / s1 * 1e6 / 3600:.1f} h at this rate", flush=True)
+    return summary
 
 
 def bench_hnsw(args) -> None:
@@ -271,6 +301,52 @@ def bench_hnsw(args) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def bench_gpu(args) -> None:
+    """Triton MaxSim kernel vs the torch specification on padded (N, Ld, D) pages."""
+    from kernels.maxsim import maxsim_reference, maxsim_triton
+
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA GPU (or --dry-run for the CPU interpreter)")
+    n_pages, page_tokens, n_queries = (8, 64, 2) if args.dry_run else (args.gpu_pages, args.page_tokens, args.queries)
+    dtypes = [torch.float32] if args.dry_run else [torch.bfloat16, torch.float16]
+    print(f"\n== MaxSim on {device}{' (Triton interpreter, tiny sizes: not a measurement)' if args.dry_run else ''}: "
+          f"{n_queries} queries x {args.query_tokens} tokens vs {n_pages} pages x {page_tokens} x {args.dim}")
+    for dtype in dtypes:
+        gen = torch.Generator(device=device).manual_seed(0)
+        docs = torch.nn.functional.normalize(
+            torch.randn(n_pages, page_tokens, args.dim, device=device, generator=gen), dim=-1).to(dtype)
+        queries = torch.nn.functional.normalize(
+            torch.randn(n_queries, args.query_tokens, args.dim, device=device, generator=gen), dim=-1).to(dtype)
+
+        def reference(queries=queries, docs=docs):  # blocks of pages bound the (Q, Lq, block, Ld) product
+            return torch.cat([maxsim_reference(queries, docs[i : i + 256]) for i in range(0, n_pages, 256)], dim=1)
+
+        err = (maxsim_triton(queries, docs) - reference()).abs().max().item()
+        # fp32 accumulation on both sides; bf16/fp16 products are exact in fp32, so only summation order differs.
+        limit = 1e-3 * args.query_tokens
+        print(f"  check {str(dtype)[6:]}: max|ours - reference| {err:.2e} (limit {limit:.0e}) {'ok' if err <= limit else 'MISMATCH'}")
+        if err > limit:
+            record("CHECK FAILED", f"maxsim {str(dtype)[6:]}", err, "max|err|", target=f"<= {limit:.0e}")
+        flops = 2.0 * n_queries * args.query_tokens * n_pages * page_tokens * args.dim
+        ours_ms, ref_ms = _time_ms(lambda q=queries, d=docs: maxsim_triton(q, d), device), _time_ms(reference, device)
+        print(f"  {str(dtype)[6:]:>8}: ours {flops / ours_ms / 1e9:7.1f} TFLOP/s ({n_pages / ours_ms * 1000:,.0f} pages/s)  "
+              f"torch reference {flops / ref_ms / 1e9:7.1f} TFLOP/s  ratio {ref_ms / ours_ms:.2f}x")
+        record("MaxSim kernel", f"{str(dtype)[6:]} {n_queries}x{args.query_tokens} q vs {n_pages} x {page_tokens}",
+               flops / ours_ms / 1e9, "TFLOP/s", baseline=flops / ref_ms / 1e9, baseline_name="torch einsum",
+               note=f"{n_pages / ours_ms * 1000:,.0f} pages/s")
+
+
+def _time_ms(fn, device: str) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=10, rep=50)
+    start = time.perf_counter()  # the dry run's interpreter: one call, the figure means nothing
+    fn()
+    return 1000 * (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pages", type=int, default=2000, help="pages for the exact scoring benchmark")
@@ -281,8 +357,9 @@ def main() -> None:
     parser.add_argument("--skip-exact", action="store_true")
     parser.add_argument("--skip-reference", action="store_true", help="do not time the colpali-engine algorithm")
     parser.add_argument("--ann-sizes", default="5000,10000,20000", help="collection sizes (pages), built incrementally")
-    parser.add_argument("--options", default="fp16,sq8,pq32,pool3-fp16,pool3-sq8", help="compression options to measure")
-    parser.add_argument("--full-options", default="fp16,pq32",
+    parser.add_argument("--options", default="fp16,sq8,pq32,pool3-fp16,pool3-sq8,plaid1,plaid2",
+                        help="compression options to measure")
+    parser.add_argument("--full-options", default="fp16,pq32,plaid2",
                         help="options measured at every size (the others only at the first size)")
     parser.add_argument("--ann-settings", default="8/32,8/64,16/64,16/128", help="nprobe/rerank pairs to measure")
     parser.add_argument("--recall-queries", type=int, default=25)
@@ -290,7 +367,13 @@ def main() -> None:
     parser.add_argument("--chunk-pages", type=int, default=500)
     parser.add_argument("--hnsw-pages", type=int, default=200, help="pages for the IVF vs HNSW comparison (0: skip)")
     parser.add_argument("--workdir", default=None, help="where the temporary indexes go (needs ~2x fp16 size)")
+    parser.add_argument("--gpu", action="store_true", help="only the Triton kernel vs torch on a CUDA GPU")
+    parser.add_argument("--gpu-pages", type=int, default=4096, help="pages scored per query batch by --gpu")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: on the CPU interpreter, tiny sizes")
     args = parser.parse_args()
+    if args.gpu:
+        bench_gpu(args)
+        return
     if not args.skip_exact:
         bench_exact(args)
     bench_hnsw(args)

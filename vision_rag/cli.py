@@ -81,7 +81,7 @@ def register(sub) -> None:
                         "resolution and larger images scaled down, which bounds memory; image files over 89.5 "
                         "megapixels are refused unless the budget is larger")
     p.add_argument("--batch-size", type=int, default=4, help="pages embedded per forward pass")
-    p.add_argument("--storage", default=None, choices=("fp16", "fp32", "sq8", "pq"),
+    p.add_argument("--storage", default=None, choices=("fp16", "fp32", "sq8", "pq", "plaid"),
                    help="vector storage of a new index (default fp16)")
     p.add_argument("--pool-factor", type=int, default=None, help="token pooling factor of a new index (default 1: none)")
     p.add_argument("--shards", type=int, default=None,

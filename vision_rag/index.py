@@ -21,6 +21,8 @@ On disk an index is a directory::
     data/seg-*.npy       token vectors of the pages added by one commit (fp16/fp32 or codec bytes)
     data/seg-*.ivf       the FAISS token index of that segment (faiss.write_index), ids = page ids
     data/codec-*.faiss   trained FAISS codec (SQ8 / PQ) when vectors are stored compressed
+    data/codec-*.npz     trained PLAID codec (centroids, residual buckets) with storage="plaid"
+    data/seg-*.postings.npz  PLAID: centroid -> pages of that segment (its token index)
     data/ann-*.faiss     trained, empty FAISS token index every segment index is copied from
     LOCK                 held (flock) by the one process that writes
 
@@ -29,6 +31,10 @@ transaction tagged with the new generation, and only then ``manifest.json`` is r
 temporary file, fsync, rename, fsync the directory). Readers see rows with ``added_gen <= G <
 deleted_gen`` for the manifest's generation ``G``, so a process killed at any moment leaves the last
 committed state readable and complete; the next writer removes the leftovers. Nothing is pickled.
+
+Format versions: 1 is every storage but PLAID; an index with ``storage="plaid"`` is written as
+version 2, so older code refuses it with a clear error instead of misreading it. Version-1 indexes
+are opened and written as they are (they stay version 1).
 """
 
 from __future__ import annotations
@@ -49,14 +55,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from .clustering import kmeans
+from .plaid import PlaidCodec, PlaidSettingsError, Postings, centroid_scores, check_nbits
 from .scoring import maxsim_packed, top_k
 
 FORMAT_NAME = "gemma-grounding.vision-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this code reads; see format_version_for
+CODEC_STORAGES = ("sq8", "pq", "plaid")  # stored as codes of a codec trained on the first pages
 
-Storage = Literal["fp16", "fp32", "sq8", "pq"]
+Storage = Literal["fp16", "fp32", "sq8", "pq", "plaid"]
 AnnKind = Literal["auto", "exact", "ivf", "hnsw"]
-STORAGES = ("fp16", "fp32", "sq8", "pq")
+STORAGES = ("fp16", "fp32", "sq8", "pq", "plaid")
 ANN_KINDS = ("auto", "exact", "ivf", "hnsw")
 
 # With ann="auto" pages are scored exhaustively below this many pages and through the IVF token index
@@ -154,6 +163,8 @@ class IndexSettings(BaseModel):
     exact_below_pages: int = DEFAULT_EXACT_BELOW_PAGES
     pq_m: int = 32  # PQ bytes per token of the "pq" codec (dim must be divisible by it); +1-2 bytes list id
     pq_coarse: int = 1024  # coarse centroids of the "pq" codec (it codes the residual to the nearest one)
+    plaid_nbits: int = 2  # "plaid": residual bits per dimension (1, 2 or 4)
+    plaid_centroids: int | None = None  # "plaid": k-means centroids; None: ColBERTv2's rule, capped (plaid.py)
     ann_pq_m: int = 16  # bytes per token in the IVF token index
     nlist: int | None = None  # IVF lists; None: chosen from the number of training tokens
     nprobe: int = 16
@@ -161,6 +172,12 @@ class IndexSettings(BaseModel):
     ef_search: int = 128
     tokens_per_query_token: int = 128  # neighbours FAISS returns per query token
     rerank: int = 128  # candidate pages rescored exactly (>= k); 128 keeps recall@10 >= 0.95 at 20k pages (bench)
+
+
+def format_version_for(storage: str) -> int:
+    """The format version an index with this storage is written in: PLAID needs version 2; the
+    others keep version 1, so code from before version 2 still opens them."""
+    return 2 if storage == "plaid" else 1
 
 
 class Manifest(BaseModel):
@@ -299,7 +316,11 @@ class _Segment:
     def __init__(self, directory: Path, info: SegmentInfo):
         self.info = info
         self.vectors = np.load(directory / "data" / info.vector_file, mmap_mode="r", allow_pickle=False)
-        self.ann = faiss.read_index(str(directory / "data" / info.ann_file)) if info.ann_file else None
+        self.ann: Any = None  # a FAISS token index, or PLAID postings (.npz)
+        if info.ann_file and info.ann_file.endswith(".npz"):
+            self.ann = Postings.load(directory / "data" / info.ann_file)
+        elif info.ann_file:
+            self.ann = faiss.read_index(str(directory / "data" / info.ann_file))
 
 
 class _Snapshot:
@@ -378,6 +399,13 @@ class Index:
             raise IndexSettingsError(f"storage={storage!r} is not one of {STORAGES}")
         if ann is not None and ann not in ANN_KINDS:
             raise IndexSettingsError(f"ann={ann!r} is not one of {ANN_KINDS}")
+        if "plaid_nbits" in settings:
+            try:
+                check_nbits(settings["plaid_nbits"])
+            except PlaidSettingsError as exc:
+                raise IndexSettingsError(str(exc)) from None
+        if storage == "plaid" and ann == "hnsw":
+            raise IndexSettingsError('storage="plaid" searches through its own centroid postings; use ann="auto", "ivf" or "exact"')
         manifest_path = directory / "manifest.json"
         existed = manifest_path.exists()
         if not existed:
@@ -389,8 +417,10 @@ class Index:
                 raise IndexSettingsError("a new index needs model_id= (the embedding model that fills it)")
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "data").mkdir(exist_ok=True)
+            index_settings = IndexSettings(**given, **settings)
             manifest = Manifest(
-                model_id=model_id, dim=dim or 128, settings=IndexSettings(**given, **settings)
+                model_id=model_id, dim=dim or 128, settings=index_settings,
+                format_version=format_version_for(index_settings.storage),
             )
             lock = _acquire_lock(directory)
             try:
@@ -498,7 +528,8 @@ class Index:
                     for info in manifest.segments
                 }
                 if manifest.codec_file and (self._codec is None or self._codec_name != manifest.codec_file):
-                    self._codec = faiss.read_index(str(self.directory / "data" / manifest.codec_file))
+                    path = self.directory / "data" / manifest.codec_file
+                    self._codec = PlaidCodec.load(path) if path.suffix == ".npz" else faiss.read_index(str(path))
                     self._codec_name = manifest.codec_file
             except FileNotFoundError:
                 manifest = _read_manifest(self.directory)
@@ -655,7 +686,10 @@ class Index:
         snap = self._snapshot
         out = np.empty((len(queries), len(positions)), dtype=np.float32)
         for columns, _segment, vectors, offsets in self._chunks(snap, positions, chunk_tokens):
-            if self.settings.storage in ("sq8", "pq"):
+            if self.settings.storage == "plaid":
+                out[:, columns] = self._codec.maxsim(queries, vectors, offsets)
+                continue
+            if self.settings.storage in CODEC_STORAGES:
                 vectors = self._codec.sa_decode(np.ascontiguousarray(vectors))
             out[:, columns] = maxsim_packed(queries, vectors, offsets)
         return out
@@ -701,6 +735,13 @@ class Index:
 
     def _search_ann(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
         snap, s = self._snapshot, self.settings
+        if s.storage == "plaid":
+            pages, approx_scores = centroid_scores(query, self._codec.centroids, [g.ann for g in snap.segments.values()], s.nprobe)
+            positions = np.array([snap.position.get(int(p), -1) for p in pages], dtype=np.int64)
+            keep = positions >= 0  # stale ids: deleted pages (an updated page's old tokens count with its new ones)
+            if allowed is not None:
+                keep &= np.isin(positions, allowed)
+            return self._rerank(query, k, positions[keep], approx_scores[keep])
         n_tok = query.shape[0]
         sims, labels = [], []
         for segment in snap.segments.values():
@@ -726,7 +767,11 @@ class Index:
         keep = positions >= 0  # stale labels: deleted pages and superseded versions
         if allowed is not None:
             keep &= np.isin(positions, allowed)
-        positions, approx_scores = positions[keep], approx[:, keep].sum(axis=0)
+        return self._rerank(query, k, positions[keep], approx[:, keep].sum(axis=0))
+
+    def _rerank(self, query: np.ndarray, k: int, positions: np.ndarray, approx_scores: np.ndarray) -> list[tuple[int, float]]:
+        """Score the ``rerank`` best candidates by approximate score exactly (from the stored vectors)."""
+        snap, s = self._snapshot, self.settings
         if len(positions) == 0:
             return []
         best, _ = top_k(approx_scores, max(s.rerank, k))
@@ -914,7 +959,9 @@ class Index:
                 stored = np.concatenate(stored_parts)
                 _save_npy(self.directory / "data" / f"{name}.npy", stored)
                 info = SegmentInfo(name=name, vector_file=f"{name}.npy", n_tokens=len(stored), n_pages=len(rows))
-                if old.ann_template_file:
+                if old.settings.storage == "plaid":
+                    info.ann_file = self._write_postings(name, stored, rows)
+                elif old.ann_template_file:
                     info.ann_file = self._write_ann(name, stored, rows)
                 manifest.segments.append(info)
                 new_rows = [(pid, rec, name, off, n) for pid, rec, off, n in rows]
@@ -922,7 +969,7 @@ class Index:
 
     def _write_segment(self, manifest: Manifest, adds, new_rows: list, name: str) -> None:
         vectors = np.concatenate([v for _, _, v in adds])
-        if manifest.settings.storage in ("sq8", "pq") and manifest.codec_file is None:
+        if manifest.settings.storage in CODEC_STORAGES and manifest.codec_file is None:
             manifest.codec_file = self._train_codec(vectors, manifest.generation)
         stored = self._encode(vectors, manifest)
         _save_npy(self.directory / "data" / f"{name}.npy", stored)
@@ -932,7 +979,9 @@ class Index:
         for pid, record, v in adds:
             rows.append((pid, record, offset, len(v)))
             offset += len(v)
-        if manifest.ann_template_file:
+        if manifest.settings.storage == "plaid":
+            info.ann_file = self._write_postings(name, stored, rows)
+        elif manifest.ann_template_file:
             info.ann_file = self._write_ann(name, stored, rows)
         manifest.segments.append(info)
         new_rows.extend((pid, rec, name, off, n) for pid, rec, off, n in rows)
@@ -943,10 +992,21 @@ class Index:
             return vectors.astype(np.float16)
         if storage == "fp32":
             return vectors.astype(np.float32)
+        if storage == "plaid":
+            return self._codec.sa_encode(vectors)  # converts block by block (no fp32 copy of the whole segment)
         return self._codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def _train_codec(self, vectors: np.ndarray, gen: int) -> str:
         s = self.settings
+        if s.storage == "plaid":
+            try:
+                codec = PlaidCodec.train(vectors, s.plaid_nbits, s.plaid_centroids)
+            except PlaidSettingsError as exc:
+                raise IndexSettingsError(f"storage='plaid': {exc}") from None
+            name = f"codec-{gen:08d}.npz"
+            codec.save(self.directory / "data" / name)
+            self._codec, self._codec_name = codec, name
+            return name
         if s.storage == "sq8":
             codec = faiss.index_factory(self.dim, "SQ8", faiss.METRIC_INNER_PRODUCT)
             needed = 1
@@ -979,7 +1039,7 @@ class Index:
     def _maybe_build_ann(self, manifest: Manifest, n_pages: int, new_rows: list) -> None:
         """Train the token index once the collection is large enough, and index every segment without one."""
         s = manifest.settings
-        if s.ann == "exact" or manifest.ann_template_file:
+        if s.ann == "exact" or manifest.ann_template_file or s.storage == "plaid":  # PLAID: postings per segment
             return
         if s.ann == "auto" and n_pages < s.exact_below_pages:
             return
@@ -1024,6 +1084,16 @@ class Index:
             rows = np.sort(rng.choice(len(stored), take, replace=False))
             parts.append(self._decode(np.asarray(stored[rows])))
         return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+    def _write_postings(self, name: str, stored: np.ndarray, rows) -> str:
+        """PLAID token index of a segment: centroid -> recorded pages with a token there."""
+        token_pages = np.full(len(stored), -1, dtype=np.int64)
+        for pid, _, off, n in rows:
+            token_pages[off : off + n] = pid
+        postings = Postings.build(self._codec.centroid_ids(stored), token_pages, self._codec.n_centroids)
+        file_name = f"{name}.postings.npz"
+        postings.save(self.directory / "data" / file_name)
+        return file_name
 
     def _write_ann(self, name: str, stored: np.ndarray, rows) -> str:
         """FAISS token index of a segment's stored vectors; tokens of pages no longer recorded are left out."""
@@ -1073,40 +1143,6 @@ class Index:
 
 
 _SEARCH_KNOBS = ("exact_below_pages", "nprobe", "ef_search", "tokens_per_query_token", "rerank")
-
-
-def kmeans(points: np.ndarray, k: int, iterations: int = 10, seed: int = 0) -> np.ndarray:
-    """Lloyd's k-means -> ``(k, d)`` centroids. FAISS's own trainer is ~20x slower than this for the
-    low-dimensional PQ sub-spaces on this 2-core machine (measured: 0.8 s vs 0.03 s per 4-dim
-    sub-space), so codecs are trained here and their codebooks handed to FAISS."""
-    points = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
-    threads = torch.get_num_threads()
-    if points.shape[1] <= 16:
-        # Thin products (d = 4..16) are ~25x faster on one thread than on two here (thread hand-off
-        # costs more than the arithmetic, worse on a busy machine).
-        torch.set_num_threads(1)
-    try:
-        return _lloyd(points, k, iterations, seed)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _lloyd(points: torch.Tensor, k: int, iterations: int, seed: int) -> np.ndarray:
-    generator = torch.Generator().manual_seed(seed)
-    centroids = points[torch.randperm(len(points), generator=generator)[:k]].clone()
-    for _ in range(iterations):
-        assign = torch.empty(len(points), dtype=torch.int64)
-        half_norms = 0.5 * (centroids * centroids).sum(1)
-        for start in range(0, len(points), 16384):  # bounded (rows x k) similarity block
-            block = points[start : start + 16384]
-            assign[start : start + 16384] = (block @ centroids.T - half_norms).argmax(1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, points)
-        counts = torch.bincount(assign, minlength=k)
-        empty = counts == 0  # re-seed empty clusters from random points
-        centroids = sums / counts.clamp(min=1)[:, None].float()
-        if empty.any():
-            centroids[empty] = points[torch.randint(len(points), (int(empty.sum()),), generator=generator)]
-    return centroids.numpy()
 
 
 def _set_pq_codebooks(pq, points: np.ndarray) -> None:
