@@ -72,7 +72,7 @@ else
         [ "$before" = "$after" ] || { echo "torch changed from $before to $after"; exit 1; }'
     step kernel-tests 150 "$PY" -m pytest -q -p no:cacheprovider --timeout=120 tests/kernels
     step bench-attention 170 "$PY" benchmarks/bench_attention.py --seq-lens 1024 4096 16384 \
-        --prefix-seq-lens 1024 4096 --decode-contexts 4096 16384 32768
+        --prefix-seq-lens 4096 --decode-contexts 4096 16384 32768
     step bench-maxsim-gpu 40 "$PY" benchmarks/bench_maxsim.py --gpu
     step bench-colpali 60 "$PY" benchmarks/bench_colpali.py
 fi

@@ -1,8 +1,8 @@
 """``benchmarks/device_all.sh --dry-run`` runs every step of the GPU measurement script on the CPU
 (Triton interpreter, tiny shapes), so the one-command GPU run is known to work before a GPU is lent.
 
-Slow for a test (~25 s of CPU: four Python processes importing torch, interpreted kernels); on the
-shared 2-core machine under load the wall time has reached ~90 s, hence the long timeout."""
+Slow for a test (14 s on the quiet 2-core machine: four Python processes importing torch, interpreted
+kernels); under a load of 6-8 it took 60-90 s, hence the long timeout."""
 
 import json
 import os
