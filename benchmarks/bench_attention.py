@@ -97,8 +97,9 @@ def check(name, out, ref, v) -> None:
 _flex_compiled = None
 
 
-def flex_callable(window: int, softcap: float, seq: int, scale: float):
-    """FlexAttention for causal + window + softcap (compiled once), or None and the reason."""
+def flex_callable(mask_mod, softcap: float, seq: int, scale: float):
+    """FlexAttention with ``mask_mod(b, h, q_idx, kv_idx)`` and a tanh softcap (compiled once), or None
+    and the reason."""
     global _flex_compiled
     if DEVICE == "cpu":
         return None, "FlexAttention skipped in the CPU dry run"
@@ -107,21 +108,28 @@ def flex_callable(window: int, softcap: float, seq: int, scale: float):
     except ImportError as exc:
         return None, f"FlexAttention unavailable ({exc})"
 
-    def sliding_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
-
     def tanh_softcap(score, b, h, q_idx, kv_idx):
         return softcap * torch.tanh(score / softcap)
 
     if _flex_compiled is None:
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    block_mask = create_block_mask(sliding_causal, None, None, seq, seq, device=DEVICE)
+    block_mask = create_block_mask(mask_mod, None, None, seq, seq, device=DEVICE)
 
     def run(q, k, v):
         return _flex_compiled(q, k, v, score_mod=tanh_softcap, block_mask=block_mask, scale=scale,
                               enable_gqa=True)
 
     return run, None
+
+
+def sliding_causal(window: int):
+    """Causal attention over the last ``window`` keys, as a FlexAttention mask."""
+    return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+
+def prefix_lm(prefix: int):
+    """A prefix-LM mask: the first ``prefix`` tokens see each other, later ones what is before them."""
+    return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) | ((q_idx < prefix) & (kv_idx < prefix))
 
 
 def bench_prefill_gemma2(seq_lens, batch_tokens, do_check: bool) -> None:
@@ -142,7 +150,7 @@ def bench_prefill_gemma2(seq_lens, batch_tokens, do_check: bool) -> None:
                   attention_reference(q[:1], k[:1], v[:1], **kwargs), v)
         flops = prefill_flops(batch, heads, seq, seq, head_dim, True, window)
         ours = flops / bench_ms(attention_prefill_triton, q, k, v, **kwargs) / 1e9
-        flex, why = flex_callable(window, softcap, seq, scale)
+        flex, why = flex_callable(sliding_causal(window), softcap, seq, scale)
         flex_tflops = None
         if flex is not None:
             try:
@@ -197,26 +205,6 @@ def prefix_visible_pairs(seq: int, prefix: int) -> int:
     return prefix * prefix + sum(p + 1 for p in range(prefix, seq))
 
 
-def flex_prefix_lm(prefix: int, softcap: float, seq: int, scale: float):
-    """FlexAttention with a prefix-LM mask and a tanh softcap (compiled), or None and the reason."""
-    if DEVICE == "cpu":
-        return None, "FlexAttention skipped in the CPU dry run"
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as exc:
-        return None, f"FlexAttention unavailable ({exc})"
-
-    def prefix_lm(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) | ((q_idx < prefix) & (kv_idx < prefix))
-
-    def tanh_softcap(score, b, h, q_idx, kv_idx):
-        return softcap * torch.tanh(score / softcap)
-
-    mask = create_block_mask(prefix_lm, None, None, seq, seq, device=DEVICE)
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return (lambda q, k, v: compiled(q, k, v, score_mod=tanh_softcap, block_mask=mask, scale=scale, enable_gqa=True)), None
-
-
 def bench_prefill_prefix_lm(seq_lens, batch_tokens, do_check: bool) -> None:
     heads, kv_heads, head_dim, softcap = 8, 4, 256, 50.0
     scale, dtype = 256 ** -0.5, DTYPE
@@ -237,7 +225,7 @@ def bench_prefill_prefix_lm(seq_lens, batch_tokens, do_check: bool) -> None:
                   attention_reference(q[:1], k[:1], v[:1], **one), v)
         flops = 4.0 * batch * heads * head_dim * prefix_visible_pairs(seq, prefix)
         ours = flops / bench_ms(attention_prefill_triton, q, k, v, **kwargs) / 1e9
-        flex, why = flex_prefix_lm(prefix, softcap, seq, scale)
+        flex, why = flex_callable(prefix_lm(prefix), softcap, seq, scale)
         flex_tflops = None
         if flex is not None:
             try:

@@ -33,13 +33,14 @@ def clustered_corpus(n_pages, n_tokens, dim, n_topics, seed):
     return pages
 
 
-def queries_from_pages(pages, n_queries, n_tokens, seed):
-    """A query is a few tokens of one page, perturbed: its source page and its neighbours should rank high."""
+def queries_from_pages(pages, n_queries, n_tokens, seed, noise=1.2):
+    """A query is a few tokens of one page, perturbed by noise of norm about ``noise``: its source page
+    and its neighbours should rank high."""
     rng = np.random.default_rng(seed)
     out = []
     for p in rng.choice(len(pages), n_queries, replace=False):
         tokens = pages[p][rng.choice(len(pages[p]), n_tokens, replace=False)]
-        out.append(unit_rows(tokens + 0.3 * rng.standard_normal(tokens.shape) / np.sqrt(tokens.shape[1]) * 4).astype(np.float32))
+        out.append(unit_rows(tokens + noise * rng.standard_normal(tokens.shape) / np.sqrt(tokens.shape[1])).astype(np.float32))
     return out
 
 

@@ -90,16 +90,6 @@ def visual_words_corpus(n_pages, n_tokens, dim, n_topics, seed):
     return pages
 
 
-def word_queries(pages, n_queries, n_tokens, seed):
-    """Tokens of a page with noise of norm 0.25, as bench_maxsim.py asks."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for p in rng.choice(len(pages), n_queries, replace=False):
-        tokens = pages[p][rng.choice(len(pages[p]), n_tokens, replace=False)]
-        out.append(unit_rows(tokens + 0.25 / np.sqrt(tokens.shape[1]) * rng.standard_normal(tokens.shape)).astype(np.float32))
-    return out
-
-
 def top10(query, pages):
     """Exact MaxSim top 10 of equal-length pages, float64, by definition (independent of vision_rag.scoring)."""
     sims = torch.einsum("qd,ptd->pqt", torch.from_numpy(query).double(), torch.from_numpy(np.stack(pages)).double())
@@ -116,7 +106,7 @@ def test_search_recall_and_candidates(tmp_path, nbits, min_recall):
     assert ids == list(range(240))
     stored = [index.vectors(pid).numpy() for pid in ids]
     recall_original, recall_stored = [], []
-    for query in word_queries(pages, 12, 6, seed=6):
+    for query in queries_from_pages(pages, 12, 6, seed=6, noise=0.25):
         found = {h.page_id for h in index.search(query, k=10)}
         recall_stored.append(len(found & top10(query, stored)) / 10)
         recall_original.append(len(found & top10(query, pages)) / 10)
@@ -125,7 +115,7 @@ def test_search_recall_and_candidates(tmp_path, nbits, min_recall):
     assert np.mean(recall_stored) >= 0.95, recall_stored
     assert np.mean(recall_original) >= min_recall, recall_original
     # Exhaustive search scores the decompressed vectors: brute force on them gives the same scores.
-    query = word_queries(pages, 1, 6, seed=7)[0]
+    query = queries_from_pages(pages, 1, 6, seed=7, noise=0.25)[0]
     exact = index.search(query, k=5, exact=True)
     expected = brute_force(query, dict(enumerate(stored)), 5)
     assert [h.page_id for h in exact] == [p for p, _ in expected]
