@@ -24,7 +24,7 @@ from .config import GemmaConfig
 
 _KV_BUCKET = 256
 
-__all__ = ["GemmaLM", "RMSNorm", "KVCache", "rope_inv_freq", "apply_rope"]
+__all__ = ["GemmaLM", "RMSNorm", "KVCache", "rope_inv_freq", "apply_rope", "CompileUnavailableError"]
 
 
 class RMSNorm(nn.Module):
@@ -182,6 +182,26 @@ class DecoderLayer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
+def _hooked(model: nn.Module) -> bool:
+    """Whether any forward (pre-)hook is attached to the model or one of its modules."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class CompileUnavailableError(RuntimeError):
+    """torch.compile cannot run here (no C++ compiler for TorchInductor's CPU code)."""
+
+
+def _require_cxx() -> None:
+    import os
+    import shutil
+
+    candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    if not any(c and shutil.which(c) for c in candidates):
+        raise CompileUnavailableError(
+            "compile_decode() on a CPU needs a C++ compiler for TorchInductor (none of $CXX, g++, c++, "
+            "clang++ was found on PATH); install one (e.g. 'apt install g++') or decode without compiling")
+
+
 class _Context:
     """What every layer of one forward pass shares (cache position, masks, backend)."""
 
@@ -222,6 +242,7 @@ class GemmaLM(nn.Module):
         self.attention_backend: str | None = None  # None: the entry point's default (auto)
         self.lm_head_quantized: nn.Module | None = None  # int4 head rescored exactly (models.quantize)
         self.cache_batch = 0
+        self._compiled_decode = None  # compile_decode(): the one-token step compiled by torch.compile
 
     # -- cache ---------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
@@ -329,6 +350,40 @@ class GemmaLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         return self.logits(self.hidden_states(input_ids, **kwargs))
+
+    # -- decoding ------------------------------------------------------------------------------
+    def _decode_logits(self, token_ids: torch.Tensor, input_pos) -> torch.Tensor:
+        return self.logits(self.hidden_states(token_ids, input_pos=input_pos)[:, -1])
+
+    def decode_step(self, token_ids: torch.Tensor, input_pos) -> torch.Tensor:
+        """Logits ``(batch, vocab)`` of the next token after ``token_ids`` ``(batch, 1)`` written at
+        ``input_pos`` (an int, or one position per row) into the KV cache: one step of generation.
+
+        Runs the step compiled by :meth:`compile_decode` when it was called and no forward hook is
+        attached (hooks such as steering run eagerly, exactly as registered)."""
+        if self._compiled_decode is not None and not _hooked(self):
+            return self._compiled_decode(token_ids, input_pos)
+        return self._decode_logits(token_ids, input_pos)
+
+    def compile_decode(self, enabled: bool = True) -> GemmaLM:
+        """Compile :meth:`decode_step` with ``torch.compile`` (TorchInductor, shapes dynamic in the
+        position and cache length, so one compilation serves a whole generation and later ones).
+
+        On a CPU the one-token step is mostly hundreds of small operations (norms, RoPE, attention,
+        residuals) around a few matmuls; Inductor fuses them into a few C++ loops, which removes most
+        of the per-operation overhead: see ``benchmarks/bench_decode.py --modes int8,int8+compile``.
+        The first step pays the compilation (about a minute on two cores; Inductor caches its work on
+        disk for later processes) and needs a C++ compiler on CPU. Numerics: fused elementwise chains
+        are evaluated without rounding between them, so logits differ from the eager step in the last
+        bits (greedy tokens are checked in ``tests/models/test_real_weights.py``). ``enabled=False``
+        returns to the eager step. Returns the model."""
+        if not enabled:
+            self._compiled_decode = None
+            return self
+        if self.device.type == "cpu":
+            _require_cxx()
+        self._compiled_decode = torch.compile(self._decode_logits, dynamic=True)
+        return self
 
     @property
     def device(self) -> torch.device:
