@@ -12,7 +12,10 @@ differ per row (batches of prompts of different lengths, right-padded).
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import types
 
 import torch
 import torch.nn.functional as F
@@ -191,8 +194,21 @@ class CompileUnavailableError(RuntimeError):
     """torch.compile cannot run here (no C++ compiler for TorchInductor's CPU code)."""
 
 
+_COMPILED_STEPS = itertools.count()
+
+
+def _compiled_step(model: GemmaLM):
+    """A compiled decode step of its own: a copy of the step's code object gets its own Dynamo cache,
+    so that a step compiled for another structure (whose module guards were skipped) is never reused."""
+    fn = GemmaLM._decode_logits
+    code = fn.__code__.replace(co_name=f"_decode_logits_{next(_COMPILED_STEPS)}")
+    fresh = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    options = {"guard_filter_fn": skip} if skip is not None else None
+    return torch.compile(types.MethodType(fresh, model), dynamic=True, options=options)
+
+
 def _require_cxx() -> None:
-    import os
     import shutil
 
     candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
@@ -242,7 +258,9 @@ class GemmaLM(nn.Module):
         self.attention_backend: str | None = None  # None: the entry point's default (auto)
         self.lm_head_quantized: nn.Module | None = None  # int4 head rescored exactly (models.quantize)
         self.cache_batch = 0
-        self._compiled_decode = None  # compile_decode(): the one-token step compiled by torch.compile
+        self._compile_decode = False  # compile_decode(): the one-token step compiled by torch.compile
+        self._compiled_decode = None
+        self._compiled_signature: tuple | None = None
 
     # -- cache ---------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
@@ -361,13 +379,16 @@ class GemmaLM(nn.Module):
 
         Runs the step compiled by :meth:`compile_decode` when it was called and no forward hook is
         attached (hooks such as steering run eagerly, exactly as registered)."""
-        if self._compiled_decode is not None and not _hooked(self):
+        if self._compile_decode and not _hooked(self):
+            signature = self._decode_signature()
+            if self._compiled_decode is None or signature != self._compiled_signature:
+                self._compiled_decode, self._compiled_signature = _compiled_step(self), signature
             return self._compiled_decode(token_ids, input_pos)
         return self._decode_logits(token_ids, input_pos)
 
     def compile_decode(self, enabled: bool = True) -> GemmaLM:
-        """Compile :meth:`decode_step` with ``torch.compile`` (TorchInductor, shapes dynamic in the
-        position and cache length, so one compilation serves a whole generation and later ones).
+        """Compile :meth:`decode_step` with ``torch.compile`` (TorchInductor; shapes dynamic in the
+        position and the cache length, so one compilation serves a whole generation and later ones).
 
         On a CPU the one-token step is mostly hundreds of small operations (norms, RoPE, attention,
         residuals) around a few matmuls; Inductor fuses them into a few C++ loops, which removes most
@@ -375,15 +396,25 @@ class GemmaLM(nn.Module):
         The first step pays the compilation (about a minute on two cores; Inductor caches its work on
         disk for later processes) and needs a C++ compiler on CPU. Numerics: fused elementwise chains
         are evaluated without rounding between them, so logits differ from the eager step in the last
-        bits (greedy tokens are checked in ``tests/models/test_real_weights.py``). ``enabled=False``
-        returns to the eager step. Returns the model."""
-        if not enabled:
-            self._compiled_decode = None
-            return self
-        if self.device.type == "cpu":
+        bits (greedy tokens: ``bench_decode.py`` reports them against fp32).
+
+        Dynamo's per-call guards on every module attribute (hundreds of weights: ~4 ms a token on
+        this CPU, as much as the fused operations save) are skipped. In their place the step checks
+        what can change the traced code (quantisation, the LM head, the attention backend and its
+        environment setting) and compiles afresh when it changed; weights updated or replaced with
+        tensors of the same shapes are read anew at every call. ``enabled=False`` returns to the eager
+        step. Returns the model."""
+        self._compiled_decode = None
+        self._compile_decode = bool(enabled)
+        if enabled and self.device.type == "cpu":
             _require_cxx()
-        self._compiled_decode = torch.compile(self._decode_logits, dynamic=True)
         return self
+
+    def _decode_signature(self) -> tuple:
+        """What the compiled step's code depends on beyond its tensors' values and sizes."""
+        first = self.model.layers[0]
+        return (self.attention_backend, os.environ.get("GEMMA_GROUNDING_ATTENTION"), id(self.lm_head_quantized),
+                id(first.self_attn.qkv_proj), id(first.mlp.gate_up_proj), self.training, self.device, self.dtype)
 
     @property
     def device(self) -> torch.device:

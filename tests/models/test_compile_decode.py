@@ -80,10 +80,34 @@ def test_a_hooked_model_decodes_eagerly_with_its_hooks(models):
     assert steered != plain  # the steering reached the decode steps
 
 
-def test_compile_decode_can_be_turned_off():
+def test_compile_decode_can_be_turned_off(models):
+    eager, compiled = models
+    compiled.compile_decode(False)
+    try:
+        assert compiled._compiled_decode is None
+        eager.setup_cache(1, 8), compiled.setup_cache(1, 8)
+        with torch.inference_mode():
+            for model in (eager, compiled):
+                model.hidden_states(torch.tensor([[3, 4]]), input_pos=0)
+            assert torch.equal(compiled.decode_step(torch.tensor([[5]]), 2), eager.decode_step(torch.tensor([[5]]), 2))
+    finally:
+        compiled.compile_decode()
+
+
+def test_what_the_traced_code_depends_on_is_checked_at_every_step():
+    """Module guards are skipped in the compiled step; a change of structure must compile afresh."""
+    from models.gemma import _compiled_step
+
     model = _random_model()
-    model.compile_decode(False)
-    assert model._compiled_decode is None
+    before = model._decode_signature()
+    model.attention_backend = "torch"
+    assert model._decode_signature() != before
+    before = model._decode_signature()
+    quantize_model(model, "int8")
+    assert model._decode_signature() != before
+    # each compiled step has a code object of its own, hence its own Dynamo cache
+    first, second = _compiled_step(model), _compiled_step(model)
+    assert first._torchdynamo_orig_callable.__code__ is not second._torchdynamo_orig_callable.__code__
 
 
 def test_a_missing_cxx_compiler_is_a_clear_error(monkeypatch):
