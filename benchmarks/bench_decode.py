@@ -51,7 +51,7 @@ class _Ours:
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         for step in range(self.n - 1):
-            token = model.logits(model.hidden_states(token[:, None], input_pos=length + step)[:, -1]).argmax(-1)
+            token = model.decode_step(token[:, None], length + step).argmax(-1)
         return prefill, time.perf_counter() - start
 
 
@@ -125,7 +125,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=33)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--modes", default="fp32,int8,int4", help="our modes, comma-separated")
+    parser.add_argument("--modes", default="fp32,int8,int4",
+                        help="our modes, comma-separated; a '+compile' suffix (int8+compile) also compiles the "
+                             "decode step (GemmaLM.compile_decode; its compilation is timed apart, not in load s)")
     parser.add_argument("--transformers", action="store_true", help="also time transformers on our fp32 weights")
     parser.add_argument("--sae-hooks", action="store_true", help="also time decoding with and without SAE hooks")
     args = parser.parse_args()
@@ -138,10 +140,21 @@ def main() -> None:
     n = args.new_tokens
     contestants = {}
     load_times = {}
+    compile_times = {}
     for mode in args.modes.split(","):
+        quantize, _, compiled = mode.partition("+")
+        if compiled not in ("", "compile"):
+            parser.error(f"mode {mode!r}: the only suffix is '+compile'")
         start = time.perf_counter()
-        model = load_model(source, dtype=torch.float32, quantize=None if mode == "fp32" else mode)
+        model = load_model(source, dtype=torch.float32, quantize=None if quantize == "fp32" else quantize)
         load_times[mode] = time.perf_counter() - start
+        if compiled:
+            model.compile_decode()
+            model.setup_cache(1, args.prompt_len + n)  # the cache the rounds reuse
+            start = time.perf_counter()
+            with torch.inference_mode():  # compile on a short step, outside the timed rounds
+                model.decode_step(torch.zeros(1, 1, dtype=torch.long), 0)
+            compile_times[mode] = time.perf_counter() - start
         if not contestants:
             prompt = torch.randint(10, 1000, (1, args.prompt_len), generator=gen)
             prompt[0, 0] = model.config.bos_token_id
@@ -185,6 +198,8 @@ def main() -> None:
               f"{statistics.median(pre):10.1f} ({min(pre):6.1f}-{max(pre):6.1f})  "
               f"{statistics.median(dec):10.1f} ({min(dec):6.1f}-{max(dec):6.1f})  {ratio:>14}{same:>15}")
     print("ratios: prefill/decode median over llama.cpp's; '= fp32 tokens': leading greedy tokens equal to ours in fp32")
+    for mode, seconds in compile_times.items():
+        print(f"{mode}: compiling the decode step took {seconds:.1f} s (once per process; not in load s)")
     if args.sae_hooks:
         report_hook_overhead(contestants["fp32"].model, prompt, n, args.repeats)
 

@@ -12,7 +12,10 @@ differ per row (batches of prompts of different lengths, right-padded).
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import types
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,7 @@ from .config import GemmaConfig
 
 _KV_BUCKET = 256
 
-__all__ = ["GemmaLM", "RMSNorm", "KVCache", "rope_inv_freq", "apply_rope"]
+__all__ = ["GemmaLM", "RMSNorm", "KVCache", "rope_inv_freq", "apply_rope", "CompileUnavailableError"]
 
 
 class RMSNorm(nn.Module):
@@ -182,6 +185,39 @@ class DecoderLayer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
+def _hooked(model: nn.Module) -> bool:
+    """Whether any forward (pre-)hook is attached to the model or one of its modules."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class CompileUnavailableError(RuntimeError):
+    """torch.compile cannot run here (no C++ compiler for TorchInductor's CPU code)."""
+
+
+_COMPILED_STEPS = itertools.count()
+
+
+def _compiled_step(model: GemmaLM):
+    """A compiled decode step of its own: a copy of the step's code object gets its own Dynamo cache,
+    so that a step compiled for another structure (whose module guards were skipped) is never reused."""
+    fn = GemmaLM._decode_logits
+    code = fn.__code__.replace(co_name=f"_decode_logits_{next(_COMPILED_STEPS)}")
+    fresh = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    options = {"guard_filter_fn": skip} if skip is not None else None
+    return torch.compile(types.MethodType(fresh, model), dynamic=True, options=options)
+
+
+def _require_cxx() -> None:
+    import shutil
+
+    candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    if not any(c and shutil.which(c) for c in candidates):
+        raise CompileUnavailableError(
+            "compile_decode() on a CPU needs a C++ compiler for TorchInductor (none of $CXX, g++, c++, "
+            "clang++ was found on PATH); install one (e.g. 'apt install g++') or decode without compiling")
+
+
 class _Context:
     """What every layer of one forward pass shares (cache position, masks, backend)."""
 
@@ -222,6 +258,9 @@ class GemmaLM(nn.Module):
         self.attention_backend: str | None = None  # None: the entry point's default (auto)
         self.lm_head_quantized: nn.Module | None = None  # int4 head rescored exactly (models.quantize)
         self.cache_batch = 0
+        self._compile_decode = False  # compile_decode(): the one-token step compiled by torch.compile
+        self._compiled_decode = None
+        self._compiled_signature: tuple | None = None
 
     # -- cache ---------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
@@ -329,6 +368,53 @@ class GemmaLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         return self.logits(self.hidden_states(input_ids, **kwargs))
+
+    # -- decoding ------------------------------------------------------------------------------
+    def _decode_logits(self, token_ids: torch.Tensor, input_pos) -> torch.Tensor:
+        return self.logits(self.hidden_states(token_ids, input_pos=input_pos)[:, -1])
+
+    def decode_step(self, token_ids: torch.Tensor, input_pos) -> torch.Tensor:
+        """Logits ``(batch, vocab)`` of the next token after ``token_ids`` ``(batch, 1)`` written at
+        ``input_pos`` (an int, or one position per row) into the KV cache: one step of generation.
+
+        Runs the step compiled by :meth:`compile_decode` when it was called and no forward hook is
+        attached (hooks such as steering run eagerly, exactly as registered)."""
+        if self._compile_decode and not _hooked(self):
+            signature = self._decode_signature()
+            if self._compiled_decode is None or signature != self._compiled_signature:
+                self._compiled_decode, self._compiled_signature = _compiled_step(self), signature
+            return self._compiled_decode(token_ids, input_pos)
+        return self._decode_logits(token_ids, input_pos)
+
+    def compile_decode(self, enabled: bool = True) -> GemmaLM:
+        """Compile :meth:`decode_step` with ``torch.compile`` (TorchInductor; shapes dynamic in the
+        position and the cache length, so one compilation serves a whole generation and later ones).
+
+        On a CPU the one-token step is mostly hundreds of small operations (norms, RoPE, attention,
+        residuals) around a few matmuls; Inductor fuses them into a few C++ loops, which removes most
+        of the per-operation overhead: see ``benchmarks/bench_decode.py --modes int8,int8+compile``.
+        The first step pays the compilation (about a minute on two cores; Inductor caches its work on
+        disk for later processes) and needs a C++ compiler on CPU. Numerics: fused elementwise chains
+        are evaluated without rounding between them, so logits differ from the eager step in the last
+        bits (greedy tokens: ``bench_decode.py`` reports them against fp32).
+
+        Dynamo's per-call guards on every module attribute (hundreds of weights: ~4 ms a token on
+        this CPU, as much as the fused operations save) are skipped. In their place the step checks
+        what can change the traced code (quantisation, the LM head, the attention backend and its
+        environment setting) and compiles afresh when it changed; weights updated or replaced with
+        tensors of the same shapes are read anew at every call. ``enabled=False`` returns to the eager
+        step. Returns the model."""
+        self._compiled_decode = None
+        self._compile_decode = bool(enabled)
+        if enabled and self.device.type == "cpu":
+            _require_cxx()
+        return self
+
+    def _decode_signature(self) -> tuple:
+        """What the compiled step's code depends on beyond its tensors' values and sizes."""
+        first = self.model.layers[0]
+        return (self.attention_backend, os.environ.get("GEMMA_GROUNDING_ATTENTION"), id(self.lm_head_quantized),
+                id(first.self_attn.qkv_proj), id(first.mlp.gate_up_proj), self.training, self.device, self.dtype)
 
     @property
     def device(self) -> torch.device:

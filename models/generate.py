@@ -125,9 +125,11 @@ def stream_ids(model, prompts, *, max_new_tokens: int = 64, temperature: float =
         if all(done) or step == max_new_tokens - 1:
             return
         pos = longest + step if same_length else lengths + step
-        hidden = model.hidden_states(token[:, None], input_pos=pos)
-        token = sample_next(model.logits(hidden[:, -1]), temperature=temperature, top_k=top_k, top_p=top_p,
-                            generator=generator)
+        if hasattr(model, "decode_step"):  # Gemma: possibly compiled (GemmaLM.compile_decode)
+            logits = model.decode_step(token[:, None], pos)
+        else:
+            logits = model.logits(model.hidden_states(token[:, None], input_pos=pos)[:, -1])
+        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
 
 def generate_ids(model, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
