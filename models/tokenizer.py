@@ -224,9 +224,10 @@ def derive_merges(pieces: Sequence[str], mergeable: Sequence[bool]) -> list[tupl
     pairs = _merge_pairs(pieces, mergeable) if pieces else None
     if pairs is None:
         return _derive_merges_loop(pieces, mergeable)
-    get = pieces.__getitem__
+    strings = np.empty(len(pieces), dtype=object)
+    strings[:] = pieces
     with _gc_paused():  # half a million new tuples would start the cyclic collector again and again
-        return list(zip(map(get, pairs[0].tolist()), map(get, pairs[1].tolist()), strict=True))
+        return list(zip(strings[pairs[0]].tolist(), strings[pairs[1]].tolist(), strict=True))
 
 
 def _derive_merges_loop(pieces: Sequence[str], mergeable: Sequence[bool]) -> list[tuple[str, str]]:
@@ -350,13 +351,17 @@ def _merge_pairs(pieces: list[str], mergeable: list[bool]) -> tuple[np.ndarray, 
 
 def _same_text(codes: np.ndarray, starts: np.ndarray, lengths: np.ndarray, ids: np.ndarray,
                begin: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Whether ``text[begin:end]`` equals piece ``ids``, element by element, grouped by width."""
+    """Whether ``text[begin:end]`` equals piece ``ids``, element by element (one 2-D compare per width)."""
     width = end - begin
     same = lengths[ids] == width
-    for w in np.unique(width[same]).tolist():
-        rows = np.flatnonzero(same & (width == w))
-        offsets = np.arange(w)
-        same[rows] = (codes[begin[rows, None] + offsets] == codes[starts[ids[rows], None] + offsets]).all(axis=1)
+    order = np.argsort(width, kind="stable")
+    bounds = np.searchsorted(width[order], np.arange(int(width.max(initial=0)) + 2))
+    for w in range(1, bounds.size - 1):
+        rows = order[bounds[w]:bounds[w + 1]]
+        rows = rows[same[rows]]
+        if rows.size:
+            offsets = np.arange(w)
+            same[rows] = (codes[begin[rows, None] + offsets] == codes[starts[ids[rows], None] + offsets]).all(axis=1)
     return same
 
 
