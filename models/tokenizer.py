@@ -213,9 +213,9 @@ def derive_merges(pieces: Sequence[str], mergeable: Sequence[bool]) -> list[tupl
     resulting piece's position, then longer left half first.
 
     The splits are tested with numpy (hashes of every half looked up in a table of the mergeable pieces,
-    each hit then compared code point by code point), about 3x faster than testing them one by one
-    for a 262k vocabulary; the result is the same list as :func:`_derive_merges_loop`'s, which
-    remains for vocabularies the hashing cannot serve (two different pieces with one hash).
+    each hit then compared code point by code point): 0.35-0.45 s of CPU instead of ~0.6 s for a 262k
+    vocabulary. The result is the same list as :func:`_derive_merges_loop`'s, which remains for
+    vocabularies the hashing cannot serve (two different pieces with one hash, lone surrogates).
     """
     pieces = list(pieces)
     mergeable = list(mergeable)
