@@ -2,6 +2,7 @@
 
     python benchmarks/bench_load.py                   # 3 repeats, all contestants
     python benchmarks/bench_load.py --skip-baseline   # without the slow gguf-package reader
+    python benchmarks/bench_load.py --before ../main   # also time another checkout (the code before a change)
 
 Every measurement runs in a fresh process (imports excluded from the timing). "cold" evicts the file
 from the page cache first (``posix_fadvise(DONTNEED)``), so it includes reading the disk; "warm" is a
@@ -12,7 +13,9 @@ The baseline is what ``load_model`` did before: ``gguf.GGUFReader`` for the head
 ``gguf.quants.dequantize`` per tensor. llama.cpp (``llama-cpp-python``, optional extra ``llamacpp``)
 loads the same file with 2 threads. Safetensors: the fp32 model saved as a Hugging Face directory,
 loaded zero-copy; compared with reading the same bytes from disk (cold) and with touching every weight.
-Prints medians with min-max over repeats and /proc/loadavg.
+Prints medians with min-max over repeats and /proc/loadavg. Beside each wall time of ours, the CPU time
+of the process during that load (user + system, all threads): on a shared machine it moves far less
+than the wall time. ``--before PATH`` adds "before:" rows timing the checkout at PATH in the same rounds.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,6 +44,11 @@ def _files(path: Path) -> list[Path]:
     return sorted(path.glob("*")) if path.is_dir() else [path]
 
 
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _worker(kind: str, source: str) -> dict:
     """Runs in a child process: import first, then time the cold and the warm load."""
     import torch
@@ -53,9 +62,10 @@ def _worker(kind: str, source: str) -> dict:
         from models import load_model, load_tokenizer
 
         for name in ("cold", "warm"):
-            start = time.perf_counter()
+            cpu, start = _cpu(), time.perf_counter()
             model = load_model(source)
             times[name] = time.perf_counter() - start
+            times[f"{name} cpu"] = _cpu() - cpu
             del model
         start = time.perf_counter()
         load_tokenizer(source)
@@ -64,9 +74,10 @@ def _worker(kind: str, source: str) -> dict:
         from models import load_tokenizer
 
         for name in ("cold", "warm"):
-            start = time.perf_counter()
+            cpu, start = _cpu(), time.perf_counter()
             load_tokenizer(source)
             times[name] = time.perf_counter() - start
+            times[f"{name} cpu"] = _cpu() - cpu
             if name == "cold":
                 models.gguf._cached = None  # warm = file cached, header parsed again
     elif kind == "gguf-package":
@@ -110,11 +121,11 @@ def _worker(kind: str, source: str) -> dict:
     return times
 
 
-def _run(kind: str, source: Path) -> dict:
+def _run(kind: str, source: Path, code: Path = ROOT) -> dict:
     for file in _files(source):
         _evict(file)
     out = subprocess.run([sys.executable, __file__, "--worker", kind, str(source)], capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         cwd=code, env={**os.environ, "PYTHONPATH": str(code)})
     if out.returncode:
         raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -136,6 +147,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-baseline", action="store_true", help="skip the gguf-package reader (~20 s a run)")
     parser.add_argument("--skip-safetensors", action="store_true")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="another checkout of this repository (e.g. main) whose load is timed too")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -158,17 +171,19 @@ def main() -> None:
         kinds.append("gguf-package")
     results: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [(kind, source) for kind in kinds]
+        runs = [(kind, kind, source, ROOT) for kind in kinds]
+        if args.before is not None:
+            runs[2:2] = [(f"before: {kind}", kind, source, args.before.resolve()) for kind in ("ours", "tokenizer")]
         if not args.skip_safetensors:
             _save_safetensors(source, Path(tmp))
-            runs += [("safetensors", Path(tmp)), ("disk-read", Path(tmp))]
+            runs += [("safetensors", "safetensors", Path(tmp), ROOT), ("disk-read", "disk-read", Path(tmp), ROOT)]
         # Rounds interleave the contestants, so a change in machine load hits all of them alike.
         for round_ in range(args.repeats):
-            for kind, path in runs:
+            for label, kind, path, code in runs:
                 if kind == "gguf-package" and round_:
                     continue  # one run is enough to see the order of magnitude
-                for name, value in _run(kind, path).items():
-                    results.setdefault(f"{kind}: {name}", {}).setdefault("v", []).append(value)
+                for name, value in _run(kind, path, code).items():
+                    results.setdefault(f"{label}: {name}", {}).setdefault("v", []).append(value)
     print(f"file: {source} ({source.stat().st_size / 1e6:.0f} MB)  repeats: {args.repeats}  "
           f"loadavg: {open('/proc/loadavg').read().split()[:3]}")
     print(f"{'':48}{'median':>10}{'min':>10}{'max':>10}")
@@ -177,6 +192,11 @@ def main() -> None:
         unit = "" if name.endswith("GB/s") else " s"
         print(f"{name:48}{statistics.median(values):10.3f}{min(values):10.3f}{max(values):10.3f}{unit}")
     ours = statistics.median(results["ours: cold"]["v"])
+    if args.before is not None:
+        for name in ("ours: cold", "ours: warm", "ours: cold cpu", "tokenizer: cold", "tokenizer: warm",
+                     "tokenizer: cold cpu"):
+            before = statistics.median(results[f"before: {name}"]["v"])
+            print(f"before / now, {name}: {before / statistics.median(results[name]['v']):.2f}x")
     if "llama.cpp: cold" in results:
         print(f"ours / llama.cpp (cold): {ours / statistics.median(results['llama.cpp: cold']['v']):.2f}x the time")
     if "gguf-package: cold" in results:

@@ -142,6 +142,29 @@ def _map(path: Path) -> mmap.mmap:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
+class _DeferredStrings:
+    """A string array of the header, kept as NUL-separated UTF-8 bytes until first read."""
+
+    def __init__(self, path: Path, what: str, joined: np.ndarray, lengths: np.ndarray):
+        self.path, self.what, self.joined, self.lengths = path, what, joined, lengths
+
+    def __len__(self) -> int:
+        return self.lengths.size
+
+    def decode(self) -> list[str]:
+        if self.lengths.size == 0:
+            return []
+        try:
+            parts = self.joined.tobytes().decode("utf-8").split("\x00")
+        except UnicodeDecodeError as e:
+            raise GGUFError(f"{self.path}: {self.what} holds a string that is not valid UTF-8 ({e})") from None
+        if len(parts) == self.lengths.size + 1:
+            return parts[1:]
+        # Some string holds a NUL itself (never in Gemma vocabularies): cut them one by one.
+        raw, ends = self.joined.tobytes(), np.cumsum(self.lengths + 1).tolist()
+        return [raw[end - n:end].decode("utf-8") for end, n in zip(ends, self.lengths.tolist(), strict=True)]
+
+
 class _Header:
     """A cursor over the mapped header; every read checks the file's end."""
 
@@ -182,40 +205,35 @@ class _Header:
         self.pos += count * dtype.itemsize
         return values.astype(bool) if vtype == _BOOL else values
 
-    def strings(self, count: int, what: str) -> list[str]:
-        """``count`` length-prefixed strings. Only the walk over the length prefixes is a Python loop;
-        the bytes are gathered with numpy and decoded in one call, split on NUL."""
-        buf, unpack, pos, size = self.buf, _U64.unpack_from, self.pos, self.size
-        starts = np.empty(count, dtype=np.int64)
-        lengths = np.empty(count, dtype=np.int64)
-        for i in range(count):
-            if pos + 8 > size:
-                self.pos = pos
-                self._need(8, f"{what}[{i}]")
-            n = unpack(buf, pos)[0]
-            starts[i], lengths[i] = pos + 8, n
-            pos += 8 + n
+    def strings(self, count: int, what: str) -> _DeferredStrings:
+        """``count`` length-prefixed strings, decoded when first needed (a model load never needs the
+        vocabulary). Only the walk over the length prefixes is a Python loop; the bytes are gathered
+        with numpy and, when asked for, decoded in one call split on NUL."""
+        buf, unpack, pos = self.buf, _U64.unpack_from, self.pos
+        lengths = [0] * count
+        try:
+            for i in range(count):
+                lengths[i] = n = unpack(buf, pos)[0]
+                pos += 8 + n
+        except struct.error:  # the next length prefix lies past the end of the file
+            self.pos = pos
+            self._need(8, f"{what}[{i}]")
         self.pos = pos
-        if pos > size:
+        if pos > self.size:
             raise GGUFError(f"{self.path}: truncated or corrupt GGUF file: {what} runs past the end of the "
-                            f"file ({pos} > {size} bytes); re-download or re-assemble it")
+                            f"file ({pos} > {self.size} bytes); re-download or re-assemble it")
         if count == 0:
-            return []
-        # Turn each 8-byte length prefix into one NUL separator, then decode once and split.
-        base = int(starts[0]) - 8
+            return _DeferredStrings(self.path, what, np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.int64))
+        # Turn each 8-byte length prefix into one NUL separator (decoded and split later).
+        sizes = np.array(lengths, dtype=np.int64)
+        prefixes = np.zeros(count, dtype=np.int64)
+        np.cumsum(sizes[:-1] + 8, out=prefixes[1:])
+        base = self.pos - int(prefixes[-1] + 8 + sizes[-1])
         region = np.frombuffer(buf, dtype=np.uint8, count=pos - base, offset=base).copy()
-        prefixes = starts - 8 - base
         region[prefixes] = 0
         keep = np.ones(region.size, dtype=bool)
         keep[(prefixes[:, None] + np.arange(1, 8)).ravel()] = False
-        try:
-            parts = region[keep].tobytes().decode("utf-8").split("\x00")
-        except UnicodeDecodeError as e:
-            raise GGUFError(f"{self.path}: {what} holds a string that is not valid UTF-8 ({e})") from None
-        if len(parts) == count + 1:
-            return parts[1:]
-        # Some string holds a NUL itself (never in Gemma vocabularies): decode them one by one.
-        return [bytes(buf[s:s + n]).decode("utf-8") for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
+        return _DeferredStrings(self.path, what, region[keep], sizes)
 
     def value(self, vtype: int, what: str) -> Any:
         if vtype == _STRING:
@@ -234,23 +252,45 @@ class _Header:
         return self.numbers(vtype, 1, what)[0].item()
 
 
-def _parse(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
+def _parse(path: Path, *, decode: bool = True) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
     """Metadata as plain Python values (the keys and values ``gguf.GGUFReader`` gives, its
     ``GGUF.version``/``tensor_count``/``kv_count`` pseudo-keys included) and the tensor table,
-    parsed straight from the mapped bytes once per file version."""
+    parsed straight from the mapped bytes once per file version. With ``decode=False`` string arrays
+    (the vocabulary) may still be :class:`_DeferredStrings`; they are decoded once, in the cache."""
     global _cached
     identity = _file_identity(path)
     with _cache_lock:
-        if _cached is not None and _cached[0] == identity:
-            return _cached[1], _cached[2]
-    buf = _map(path)
-    try:
-        metadata, tensors = _parse_header(path, buf)
-    finally:
-        buf.close()
-    with _cache_lock:
-        _cached = (identity, metadata, tensors)
+        cached = _cached if _cached is not None and _cached[0] == identity else None
+    if cached is None:
+        buf = _map(path)
+        try:
+            metadata, tensors = _parse_header(path, buf)
+        finally:
+            buf.close()
+        cached = (identity, metadata, tensors)
+        with _cache_lock:
+            _cached = cached
+    _, metadata, tensors = cached
+    if decode:
+        with _cache_lock:
+            for key, value in metadata.items():
+                if _has_deferred(value):
+                    metadata[key] = _decoded(value)
     return metadata, tensors
+
+
+def _has_deferred(value: Any) -> bool:
+    if isinstance(value, _DeferredStrings):
+        return True
+    # Arrays hold one item type: only arrays of arrays need a look inside (not 262k numbers).
+    return (isinstance(value, list) and bool(value) and isinstance(value[0], (list, _DeferredStrings))
+            and any(map(_has_deferred, value)))
+
+
+def _decoded(value: Any) -> Any:
+    if isinstance(value, _DeferredStrings):
+        return value.decode()
+    return [_decoded(v) for v in value] if isinstance(value, list) else value
 
 
 def _parse_header(path: Path, buf: mmap.mmap) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
@@ -484,8 +524,14 @@ def read_gguf(path: str | os.PathLike) -> tuple[GemmaConfig, dict[str, torch.Ten
     back by -1. Raises :class:`GGUFError` for a file that is not GGUF, truncated, of another
     architecture or holding tensor types that cannot be dequantised.
     """
+    config, state, _ = _read_weights(path)
+    return config, state, read_gguf_metadata(path)
+
+
+def _read_weights(path: str | os.PathLike) -> tuple[GemmaConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`read_gguf` without decoding the vocabulary strings (a model does not need them)."""
     path = _check_path(path)
-    metadata, tensors = _parse(path)
+    metadata, tensors = _parse(path, decode=False)
     arch = _architecture(path, metadata)
     config = _config_from_metadata(path, metadata)
     data = torch.frombuffer(_map(path), dtype=torch.uint8)
@@ -494,7 +540,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[GemmaConfig, dict[str, torch.Ten
     for key, tensor in state.items():
         if key.endswith("norm.weight"):
             tensor -= 1.0  # stored as 1 + w
-    return config, state, dict(metadata)
+    return config, state, metadata
 
 
 def _dequantize_all(path: Path, data: torch.Tensor, tensors: list[GGUFTensorInfo]) -> list[torch.Tensor]:
@@ -551,7 +597,7 @@ def load_gguf_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
     ``dtype``). Built on the meta device, so only the dequantised fp32 weights are held once."""
     from .gemma import GemmaLM
 
-    config, state, _ = read_gguf(path)
+    config, state, _ = _read_weights(path)
     with meta_construction():
         model = GemmaLM(config)
     assign_weights(model, state, dtype=dtype, device=device, ignored=IGNORED_KEYS, source=str(path))

@@ -22,12 +22,15 @@ normalise text (NFKC, whitespace collapsing) or add a dummy prefix are refused: 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
@@ -208,7 +211,27 @@ def derive_merges(pieces: Sequence[str], mergeable: Sequence[bool]) -> list[tupl
 
     Every split of a mergeable piece into two mergeable pieces is a merge; merges are ranked by the
     resulting piece's position, then longer left half first.
+
+    The splits are tested with numpy (hashes of every half looked up in a table of the mergeable pieces,
+    each hit then compared code point by code point): 0.35-0.45 s of CPU instead of ~0.6 s for a 262k
+    vocabulary. The result is the same list as :func:`_derive_merges_loop`'s, which remains for
+    vocabularies the hashing cannot serve (two different pieces with one hash, lone surrogates).
     """
+    pieces = list(pieces)
+    mergeable = list(mergeable)
+    if len(pieces) != len(mergeable):
+        raise TokenizerError(f"{len(pieces)} pieces but {len(mergeable)} mergeable flags")
+    pairs = _merge_pairs(pieces, mergeable) if pieces else None
+    if pairs is None:
+        return _derive_merges_loop(pieces, mergeable)
+    strings = np.empty(len(pieces), dtype=object)
+    strings[:] = pieces
+    with _gc_paused():  # half a million new tuples would start the cyclic collector again and again
+        return list(zip(strings[pairs[0]].tolist(), strings[pairs[1]].tolist(), strict=True))
+
+
+def _derive_merges_loop(pieces: Sequence[str], mergeable: Sequence[bool]) -> list[tuple[str, str]]:
+    """:func:`derive_merges` one split at a time (the definition; the fallback)."""
     usable = {p for p, ok in zip(pieces, mergeable, strict=True) if ok}
     merges = []
     for piece, ok in zip(pieces, mergeable, strict=True):
@@ -221,6 +244,127 @@ def derive_merges(pieces: Sequence[str], mergeable: Sequence[bool]) -> list[tupl
     return merges
 
 
+@contextmanager
+def _gc_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# Polynomial string hashes modulo 2**64 (numpy's uint64 arithmetic wraps). The base is odd, hence
+# invertible, so a substring's hash can be shifted to start at 0; the mixer (odd, a bijection) spreads
+# the small hashes of short strings over the top bits that pick a table bucket.
+_HASH_BASE = 0x9E3779B97F4A7C15
+_HASH_BASE_INVERSE = pow(_HASH_BASE, -1, 1 << 64)
+_HASH_MIX = 0xD6E8FEB86659FD93
+
+
+def _merge_pairs(pieces: list[str], mergeable: list[bool]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(left ids, right ids)`` of the merges in rank order, or None where hashing cannot decide."""
+    count = len(pieces)
+    try:
+        codes = np.frombuffer("".join(pieces).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    except UnicodeEncodeError:  # a lone surrogate
+        return None
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=count)
+    starts = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    # prefix[i] = sum_{t < i} c_t B^t, so text[s:e] hashes to (prefix[e] - prefix[s]) B^-s.
+    total = int(starts[-1])
+    powers = np.full(total + 1, _HASH_BASE, dtype=np.uint64)
+    powers[0] = 1
+    np.cumprod(powers, out=powers)
+    inverse = np.full(total + 1, _HASH_BASE_INVERSE, dtype=np.uint64)
+    inverse[0] = 1
+    np.cumprod(inverse, out=inverse)
+    prefix = np.zeros(total + 1, dtype=np.uint64)
+    np.cumsum(codes * powers[:-1], out=prefix[1:])
+    mix = np.uint64(_HASH_MIX)
+
+    def hashes(s: np.ndarray, e: np.ndarray) -> np.ndarray:
+        return (prefix[e] - prefix[s]) * inverse[s] * mix
+
+    usable = np.flatnonzero(np.fromiter(mergeable, dtype=bool, count=count))
+    if usable.size == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    usable_hash = hashes(starts[usable], starts[usable + 1])
+    order = np.argsort(usable_hash, kind="stable")
+    table_hash, table_id = usable_hash[order], usable[order]
+    same = np.flatnonzero(table_hash[1:] == table_hash[:-1])
+    if any(pieces[table_id[i]] != pieces[table_id[i + 1]] for i in same.tolist()):
+        return None
+    # Buckets by the top bits of the sorted hashes: a lookup probes a run of ~1 entry.
+    bits = int(usable.size).bit_length() + 1
+    shift = np.uint64(64 - bits)
+    bucket_start = np.zeros((1 << bits) + 1, dtype=np.int64)
+    np.cumsum(np.bincount((table_hash >> shift).astype(np.int64), minlength=1 << bits), out=bucket_start[1:])
+
+    def lookup(h: np.ndarray) -> np.ndarray:
+        """The table row holding each hash, -1 where none does."""
+        bucket = (h >> shift).astype(np.int64)
+        probe, end = bucket_start[bucket], bucket_start[bucket + 1]
+        row = np.full(h.size, -1, dtype=np.int64)
+        pending = np.flatnonzero(probe < end)
+        probe = probe[pending]
+        while pending.size:
+            hit = table_hash[probe] == h[pending]
+            row[pending[hit]] = probe[hit]
+            probe += 1
+            more = ~hit & (probe < end[pending])
+            pending, probe = pending[more], probe[more]
+        return row
+
+    # Pieces of one length at a time: their splits form a (pieces, cuts) grid, longer left half first.
+    targets = usable[lengths[usable] >= 2]
+    found_piece, found_cut, found_left, found_right = [], [], [], []
+    for length in np.unique(lengths[targets]).tolist():
+        ids = targets[lengths[targets] == length]
+        begin = starts[ids][:, None]
+        middle = begin + np.arange(length - 1, 0, -1)
+        left_row = lookup(hashes(np.broadcast_to(begin, middle.shape).ravel(), middle.ravel()))
+        hit = np.flatnonzero(left_row >= 0)
+        end = np.broadcast_to(begin + length, middle.shape).ravel()[hit]
+        right_row = lookup(hashes(middle.ravel()[hit], end))
+        both = right_row >= 0
+        hit = hit[both]
+        piece, cut = np.divmod(hit, length - 1)
+        found_piece.append(ids[piece])
+        found_cut.append(length - 1 - cut)
+        found_left.append(table_id[left_row[hit]])
+        found_right.append(table_id[right_row[both]])
+    if not found_piece:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    piece, cut = np.concatenate(found_piece), np.concatenate(found_cut)
+    left, right = np.concatenate(found_left), np.concatenate(found_right)
+    # Equal hashes need not be equal strings: compare every accepted half with its piece.
+    begin = starts[piece]
+    exact = (_same_text(codes, starts, lengths, left, begin, begin + cut)
+             & _same_text(codes, starts, lengths, right, begin + cut, starts[piece + 1]))
+    order = np.lexsort((-cut, piece))
+    order = order[exact[order]]
+    return left[order], right[order]
+
+
+def _same_text(codes: np.ndarray, starts: np.ndarray, lengths: np.ndarray, ids: np.ndarray,
+               begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Whether ``text[begin:end]`` equals piece ``ids``, element by element (one 2-D compare per width)."""
+    width = end - begin
+    same = lengths[ids] == width
+    order = np.argsort(width, kind="stable")
+    bounds = np.searchsorted(width[order], np.arange(int(width.max(initial=0)) + 2))
+    for w in range(1, bounds.size - 1):
+        rows = order[bounds[w]:bounds[w + 1]]
+        rows = rows[same[rows]]
+        if rows.size:
+            offsets = np.arange(w)
+            same[rows] = (codes[begin[rows, None] + offsets] == codes[starts[ids[rows], None] + offsets]).all(axis=1)
+    return same
+
+
 def tokenizer_from_vocabulary(pieces: Sequence[str], types: Sequence[int] | None = None, *,
                               bos_id: int | None = None, add_bos: bool = True) -> Tokenizer:
     """A ``tokenizers`` BPE tokenizer for a rank-ordered SentencePiece BPE vocabulary with byte fallback.
@@ -230,25 +374,31 @@ def tokenizer_from_vocabulary(pieces: Sequence[str], types: Sequence[int] | None
     (non-special) added tokens matched whole, except whitespace runs, which BPE builds from ``▁``.
     Like Gemma's, the tokenizer adds no dummy prefix (no ``▁`` in front of the text).
     """
-    pieces = [_sentencepiece_spelling(p) for p in pieces]
-    types = list(types) if types is not None else [NORMAL] * len(pieces)
-    if len(types) != len(pieces):
-        raise TokenizerError(f"{len(pieces)} pieces but {len(types)} piece types")
-    whitespace_run = [t == USER_DEFINED and set(p) == {SPACE} for p, t in zip(pieces, types, strict=True)]
-    mergeable = [t == NORMAL or ws for t, ws in zip(types, whitespace_run, strict=True)]
+    pieces = [_sentencepiece_spelling(p) if " " in p else p for p in pieces]
+    try:
+        kinds = np.full(len(pieces), NORMAL, dtype=np.int64) if types is None else np.asarray(types, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TokenizerError(f"piece types must be integers (SentencePiece types 1-6): {e}") from None
+    if kinds.shape != (len(pieces),):
+        raise TokenizerError(f"{len(pieces)} pieces but {kinds.size} piece types")
+    # Whole-array tests on the types: these run once per entry of a 262k vocabulary.
+    user_defined = np.flatnonzero(kinds == USER_DEFINED).tolist()
+    whitespace_run = [i for i in user_defined if set(pieces[i]) == {SPACE}]
+    mergeable = kinds == NORMAL
+    mergeable[whitespace_run] = True
     # A duplicated piece keeps its best (first) rank: later entries are written first and overwritten.
     vocab = dict(zip(reversed(pieces), range(len(pieces) - 1, -1, -1), strict=True))
-    unk = next((p for p, t in zip(pieces, types, strict=True) if t == UNKNOWN),
-               "<unk>" if "<unk>" in vocab else None)
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=derive_merges(pieces, mergeable), unk_token=unk,
+    unknown = np.flatnonzero(kinds == UNKNOWN)
+    unk = pieces[unknown[0]] if unknown.size else ("<unk>" if "<unk>" in vocab else None)
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=derive_merges(pieces, mergeable.tolist()), unk_token=unk,
                               fuse_unk=True, byte_fallback=True))
     tokenizer.normalizer = normalizers.Replace(" ", SPACE)
     tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
                                            decoders.Fuse()])
-    special = [AddedToken(p, special=True, normalized=False)
-               for p, t in zip(pieces, types, strict=True) if t in (CONTROL, UNKNOWN)]
-    user = [AddedToken(p, special=False, normalized=False)
-            for p, t, ws in zip(pieces, types, whitespace_run, strict=True) if t == USER_DEFINED and not ws]
+    special = [AddedToken(pieces[i], special=True, normalized=False)
+               for i in np.flatnonzero((kinds == CONTROL) | (kinds == UNKNOWN)).tolist()]
+    spaces = set(whitespace_run)
+    user = [AddedToken(pieces[i], special=False, normalized=False) for i in user_defined if i not in spaces]
     tokenizer.add_special_tokens(special)
     tokenizer.add_tokens(user)
     if add_bos and bos_id is not None:

@@ -147,3 +147,26 @@ def test_loading_writes_nothing_and_keeps_f32_as_file_views(tmp_path):
     norm -= 1.0  # copy-on-write: the file itself is never written
     assert path.read_bytes() == original
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_string_arrays_are_decoded_on_first_read(tmp_path):
+    """A model load parses the header without decoding string arrays (the vocabulary); the first read
+    of the metadata decodes them once, in the in-memory cache; bad UTF-8 is reported then."""
+    from models.gguf import _DeferredStrings
+
+    path = tmp_path / "small.gguf"
+    strings = ["a", "é😀", "nul\x00inside", ""]
+    _write(path, strings)
+    deferred = _parse(path, decode=False)[0]["test.strings"]
+    assert isinstance(deferred, _DeferredStrings) and len(deferred) == len(strings)
+    assert read_gguf_metadata(path)["test.strings"] == strings
+    assert _parse(path, decode=False)[0]["test.strings"] == strings  # the cache now holds the list
+
+    data = bytearray(path.read_bytes())
+    data[data.index("é".encode())] = 0xFF
+    bad = tmp_path / "bad_utf8.gguf"
+    bad.write_bytes(bytes(data))
+    assert len(_parse(bad, decode=False)[0]["test.strings"]) == len(strings)
+    with pytest.raises(GGUFError, match="not valid UTF-8") as info:
+        read_gguf_metadata(bad)
+    assert str(bad) in str(info.value)

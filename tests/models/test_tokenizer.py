@@ -216,6 +216,52 @@ def test_byte_fallback_for_characters_outside_the_vocabulary():
     assert tok.decode(ids) == "déf 😀"
 
 
+# -- merges derived from the vocabulary ---------------------------------------------------------------
+def test_vectorised_merges_equal_the_split_by_split_definition(gemma3_270m_gguf):
+    """derive_merges (numpy hashing) gives the very list, order included, of the one-split-at-a-time loop
+    on the real 262k vocabulary: token ids cannot change."""
+    from models.gguf import read_gguf_metadata
+    from models.tokenizer import _derive_merges_loop, _sentencepiece_spelling, derive_merges
+
+    metadata = read_gguf_metadata(gemma3_270m_gguf)
+    pieces = [_sentencepiece_spelling(p) for p in metadata["tokenizer.ggml.tokens"]]
+    types = metadata["tokenizer.ggml.token_type"]
+    mergeable = [t == NORMAL or (t == USER_DEFINED and set(p) == {"\u2581"}) for p, t in zip(pieces, types, strict=True)]
+    merges = derive_merges(pieces, mergeable)
+    assert len(merges) > 500_000
+    assert merges == _derive_merges_loop(pieces, mergeable)
+
+
+ODD_PIECES = ["a", "b", "ab", "ba", "bab", "abab", "a", "é", "e\u0301", "😀", "😀😀", "😀a", "a😀",
+              "\u2581", "\u2581\u2581", "\u2581a", "ab\u2581", "x", "xab", "bx", "abx", "中", "中文", "文"]
+
+
+def test_vectorised_merges_on_odd_vocabularies(monkeypatch):
+    """Duplicates, pieces outside the BMP, combining marks, non-mergeable pieces; then hashes forced to
+    collide: false hits are rejected by the exact comparison, and colliding pieces fall back to the loop."""
+    import models.tokenizer as tokenizer_module
+    from models.tokenizer import _derive_merges_loop, derive_merges
+
+    mergeable = [p not in ("ba", "x") for p in ODD_PIECES]
+    expected = _derive_merges_loop(ODD_PIECES, mergeable)
+    assert ("b", "ab") in expected and ("😀", "😀") in expected and ("ab", "x") not in expected
+    assert derive_merges(ODD_PIECES, mergeable) == expected
+    assert derive_merges(["\ud800a", "\ud800", "a"], [True] * 3) == [("\ud800", "a")]  # lone surrogate: loop
+    assert derive_merges([], []) == []
+    # Base 1: a string's hash is the sum of its code points, so "ba" hashes as "ab" ("ba" is no piece
+    # here): splitting "bab" at 2 is a false hit that only the code point comparison rejects.
+    monkeypatch.setattr(tokenizer_module, "_HASH_BASE", 1)
+    monkeypatch.setattr(tokenizer_module, "_HASH_BASE_INVERSE", 1)
+    pieces, ok = ["a", "b", "ab", "bab"], [True] * 4
+    assert tokenizer_module._merge_pairs(pieces, ok) is not None
+    assert derive_merges(pieces, ok) == [("a", "b"), ("b", "ab")] == _derive_merges_loop(pieces, ok)
+    # Two different mergeable pieces with one hash: the vectorised path declines, the loop answers.
+    assert tokenizer_module._merge_pairs(ODD_PIECES, mergeable) is None
+    assert derive_merges(ODD_PIECES, mergeable) == expected
+    with pytest.raises(TokenizerError, match="mergeable flags"):
+        derive_merges(["a", "b"], [True])
+
+
 # -- SentencePiece tokenizer.model -----------------------------------------------------------------------
 CORPUS = [
     "the quick brown fox jumps over the lazy dog", "def main():\n    return 0", "tabs\tand  double  spaces",
