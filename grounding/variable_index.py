@@ -16,12 +16,21 @@ How a query is scored:
 4. **Fusion.** ``score = sigmoid(w_dense * dense + w_lexical * lexical + bias)``: the weights are
    fitted for ranking (softmax over each query's candidates), then scale and bias are calibrated so
    that the top candidate's score is the observed rate at which it is right (Platt scaling).
+5. **Reranking.** When the search model has a :class:`Reranker`, the best ``RERANK_POOL`` (30)
+   candidates by that fused score are reordered by a small learned model over variable-agnostic
+   features (:data:`RERANK_FEATURES`: adapter and base cosines, the name's and the dcid words' own
+   cosines, lexical shares and BM25, the share of the variable's own constraint words, such as
+   "female", "below", "imports", "65", that the query supports, opposite words ("import" asked,
+   "export" offered), numbers, name length, duplicate names, ranks and gaps). Its score is calibrated
+   the same way, so the threshold keeps its meaning; it is what near-twins in a catalogue need
+   (above/below poverty, imports/exports, male/female), which a cosine barely separates.
 
 The query side has an optional learned **adapter** (``q + q @ down @ up``, then renormalised: a
 low-rank correction of the query embedding that moves paraphrases toward the catalogue's wording).
-Adapter, fusion weights and threshold form a :class:`SearchModel`; the default one
+Adapter, fusion weights, reranker and threshold form a :class:`SearchModel`; the default one
 (``grounding/data/variable_search.safetensors``, 0.4 MB) was trained by
-``benchmarks/train_variable_search.py`` for all-MiniLM-L6-v2 on the tuning half of Data Commons' gold
+``benchmarks/train_variable_search.py`` (adapter, fusion) and ``benchmarks/train_variable_reranker.py``
+(reranker) for all-MiniLM-L6-v2 on the tuning half of Data Commons' gold
 queries (split by variable), and is only applied to the model it was trained for. Variable vectors
 do not depend on it, so changing it never invalidates a store's cached vectors.
 
@@ -53,7 +62,8 @@ from .gazetteer import words_with_spans
 from .types import GroundingError
 from .variable_match import LexicalVariableIndex, VariableCandidate, VariableDoc
 
-__all__ = ["VariableDoc", "VariableCandidate", "VariableIndex", "FusionWeights", "SearchModel", "Embedder",
+__all__ = ["VariableDoc", "VariableCandidate", "VariableIndex", "FusionWeights", "SearchModel", "Reranker", "Embedder",
+           "RERANK_FEATURES",
            "VariableIndexError", "StaleIndexError", "dcid_words", "DEFAULT_THRESHOLD", "EMBEDDING_MODEL_ENV",
            "HybridVariableMatcher", "load_embedder", "store_variable_index", "store_variable_docs"]
 
@@ -127,7 +137,8 @@ class SearchModel:
         self.reranker = reranker
 
     def applies_to(self, embedder: Embedder) -> bool:
-        return self.down is not None and self.base_fingerprint == embedder.fingerprint
+        learned = self.down is not None or self.reranker is not None
+        return learned and self.base_fingerprint == embedder.fingerprint
 
     def adapt(self, queries: np.ndarray) -> np.ndarray:
         return _unit_rows(queries + (queries @ self.down) @ self.up)
@@ -386,6 +397,8 @@ class VariableIndex:
         if not self.search_model.applies_to(embedder):
             self.search_model = SearchModel()  # trained for another embedding model: untrained defaults
         self.weights = weights or self.search_model.weights
+        # Explicit fusion weights mean the fusion alone: the reranker was trained on the model's own.
+        self.reranker = self.search_model.reranker if weights is None else None
         self.threshold = self.search_model.threshold if threshold is None else threshold
         self._views = np.ascontiguousarray(view_vectors, dtype=np.float32)  # (n_views, dim), unit rows
         self._owner = np.asarray(view_owner, dtype=np.int64)  # view -> doc position
@@ -629,7 +642,7 @@ class VariableIndex:
 
     def _rank(self, query: str, qvec: np.ndarray, k: int, pool: int, raw: np.ndarray | None = None
               ) -> list[VariableCandidate]:
-        reranker = self.search_model.reranker
+        reranker = self.reranker
         if reranker is not None and raw is not None:
             fused, features = self.rerank_features(query, qvec, raw, pool, keep=max(k, RERANK_POOL))
             logits = reranker.logits(features)
