@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -134,6 +135,17 @@ def platt(top: np.ndarray, right: np.ndarray) -> tuple[float, float]:
     return a, b
 
 
+def cached_phrases(queries: list[str], gazetteer, cache_dir: Path) -> list[str]:
+    """``statistic_phrase`` of each query, cached in ``cache_dir`` by the queries and the gazetteer's size."""
+    key = hashlib.sha256(("\n".join(queries) + f"\n{len(gazetteer.places)}").encode()).hexdigest()[:16]
+    path = cache_dir / f"phrases-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    phrases = [statistic_phrase(q, gazetteer)[0] for q in queries]
+    path.write_text(json.dumps(phrases))
+    return phrases
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalog", type=Path, required=True)
@@ -143,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: --model")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "varsearch")
     parser.add_argument("--systema-globalis", type=Path, default=Path("/work/shared/data/systema_globalis-c63631a.tar.xz"))
-    parser.add_argument("--sg-weight", type=float, default=0.0, help="weight of each SG tuning question (0: unused)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[0, 16])
-    parser.add_argument("--l2", type=float, nargs="+", default=[1e-4, 1e-3])
+    parser.add_argument("--sg-weight", type=float, nargs="+", default=[0.0, 3.0, 10.0],
+                        help="weights of each SG tuning question to try (0: unused)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[0])
+    parser.add_argument("--l2", type=float, nargs="+", default=[1e-4])
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args(argv)
@@ -159,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     position = {d.dcid: i for i, d in enumerate(docs)}
     rows = [r for r in read_rows(args.queries, ("Query", "SV")) if r["SV"] in position and is_tuning_variable(r["SV"])]
     gazetteer = Gazetteer.default()
-    phrases = [statistic_phrase(r["Query"], gazetteer)[0] for r in rows]
+    phrases = cached_phrases([r["Query"] for r in rows], gazetteer, args.cache)
     raw = cached_embeddings(embedder, phrases, args.cache)
     raw = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     gold = np.array([position[r["SV"]] for r in rows])
@@ -189,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{np.mean(y[~train] >= 0):.3f}; hybrid top-1 {np.mean(y[~train] == 0):.3f}", flush=True)
     weight = np.ones(len(rows), np.float32)
 
-    if args.sg_weight > 0:
+    if max(args.sg_weight) > 0:
         sg_docs = systema_globalis_docs(args.systema_globalis)
         sg_index = open_catalog_index(sg_docs, embedder, args.cache, search_model=SearchModel())
         sg_pos = {d.dcid: i for i, d in enumerate(sg_docs)}
@@ -202,38 +215,43 @@ def main(argv: list[str] | None = None) -> int:
         # SG questions join fold by their own hash, so cross-validation keeps them apart too.
         X, mask, y = np.concatenate([X, sx]), np.concatenate([mask, sm]), np.concatenate([y, sy])
         folds = np.concatenate([folds, [fold_of(r["SV"]) for r in sg_rows]])
-        weight = np.concatenate([weight, np.full(len(sg_rows), args.sg_weight, np.float32)])
+        weight = np.concatenate([weight, np.ones(len(sg_rows), np.float32)])
         is_sg = np.r_[np.zeros(len(rows), bool), np.ones(len(sg_rows), bool)]
     else:
         is_sg = np.zeros(len(rows), bool)
 
+    # Chosen by the mean of the cross-validated top-1 on DC and on the SG tuning questions (DC alone without them).
     best = None
-    for hidden in args.hidden:
-        for l2 in args.l2:
-            cv_top = np.zeros(len(y))
-            cv_right = np.zeros(len(y), bool)
-            for f in (0, 1):
-                r = fit(X[folds != f], mask[folds != f], y[folds != f], weight[folds != f], hidden=hidden, l2=l2)
-                cv_top[folds == f], cv_right[folds == f] = top_logits(r, X[folds == f], mask[folds == f],
-                                                                      y[folds == f])
-            dc, sg = cv_right[~is_sg].mean(), cv_right[is_sg].mean() if is_sg.any() else float("nan")
-            print(f"hidden {hidden:3d} l2 {l2:g}: cross-validated top-1 DC {dc:.4f}, SG tuning {sg:.3f} "
-                  f"(hybrid DC {np.mean(y[~is_sg] == 0):.4f}, SG {np.mean(y[is_sg] == 0) if is_sg.any() else float('nan'):.3f})",
-                  flush=True)
-            if best is None or dc > best[0]:
-                best = (dc, hidden, l2, cv_top.copy(), cv_right.copy())
-    dc, hidden, l2, cv_top, cv_right = best
+    for sg_weight in args.sg_weight if is_sg.any() else [0.0]:
+        weight = np.where(is_sg, sg_weight, 1.0).astype(np.float32)
+        for hidden in args.hidden:
+            for l2 in args.l2:
+                cv_top = np.zeros(len(y))
+                cv_right = np.zeros(len(y), bool)
+                for f in (0, 1):
+                    r = fit(X[folds != f], mask[folds != f], y[folds != f], weight[folds != f], hidden=hidden, l2=l2)
+                    cv_top[folds == f], cv_right[folds == f] = top_logits(r, X[folds == f], mask[folds == f],
+                                                                          y[folds == f])
+                dc, sg = cv_right[~is_sg].mean(), cv_right[is_sg].mean() if is_sg.any() else float("nan")
+                print(f"SG weight {sg_weight:g} hidden {hidden:3d} l2 {l2:g}: cross-validated top-1 DC {dc:.4f}, SG "
+                      f"tuning {sg:.3f} (hybrid DC {np.mean(y[~is_sg] == 0):.4f}, SG "
+                      f"{np.mean(y[is_sg] == 0) if is_sg.any() else float('nan'):.3f})", flush=True)
+                score = (dc + sg) / 2 if is_sg.any() else dc
+                if best is None or score > best[0]:
+                    best = (score, dc, sg_weight, hidden, l2, cv_top.copy(), cv_right.copy())
+    _, dc, sg_weight, hidden, l2, cv_top, cv_right = best
+    weight = np.where(is_sg, sg_weight, 1.0).astype(np.float32)
     reranker = fit(X, mask, y, weight, hidden=hidden, l2=l2)
     a, b = platt(cv_top[~is_sg], cv_right[~is_sg])
     reranker.linear, reranker.w2, reranker.bias = reranker.linear * a, reranker.w2 * a, b
     model.reranker = reranker
     model.notes = (model.notes.split(" | reranker:")[0] + f" | reranker: hidden {hidden}, l2 {l2:g}, trained on "
                    f"{int((y[~is_sg] >= 0).sum())} tuning queries with out-of-fold adapter features"
-                   + (f" and {int(is_sg.sum())} SG tuning questions (weight {args.sg_weight:g})" if is_sg.any() else "")
+                   + (f" and {int(is_sg.sum())} SG tuning questions (weight {sg_weight:g})" if sg_weight else "")
                    + f"; cross-validated top-1 {dc:.3f}; Platt a={a:.3f} b={b:.3f}")
     out = args.out or args.model
     model.save(out)
-    print(f"chose hidden {hidden}, l2 {l2:g} (cross-validated DC top-1 {dc:.4f}); Platt a={a:.3f}, b={b:.3f}; "
+    print(f"chose SG weight {sg_weight:g}, hidden {hidden}, l2 {l2:g} (cross-validated DC top-1 {dc:.4f}); Platt a={a:.3f}, b={b:.3f}; "
           f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -198,6 +198,8 @@ RERANK_FEATURES = (
     "dense", "dense_base", "name_cos", "dcid_cos", "hybrid", "lexical", "lexical_name", "bm25_rel",
     "var_covered", "var_covered_best", "var_missing_idf", "polarity_conflict", "number_match", "number_conflict",
     "name_words", "duplicate_name", "dense_gap", "dense_base_gap", "lexical_gap", "hybrid_rank", "dense_base_rank",
+    "segments", "segments_unsupported", "segments_supported_share", "negation_query", "negation_var",
+    "negation_mismatch", "lexical_rank", "missing_rank",
 )
 RERANK_POOL = 30  # candidates (best by the fused hybrid score) the reranker reorders
 
@@ -226,6 +228,12 @@ WORD_SYNONYMS = {
 SCHEMA_WORDS = frozenset({"number", "people", "count", "amount", "percent", "fraction", "share", "total", "year",
                           "annual", "value", "average", "median", "rate"})
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# Words that negate what follows, and the prefixes that do the same inside one word (unemployed, noncitizen).
+NEGATIONS = frozenset({"no", "not", "non", "without", "never", "none", "nor", "lack", "lacking", "neither"})
+
+
+def _negated(words: Iterable[str]) -> bool:
+    return any(w in NEGATIONS or w.startswith(("non", "uninsur", "unemploy", "unmarri")) for w in words)
 
 
 def _canon_word(word: str) -> str:
@@ -416,8 +424,13 @@ class VariableIndex:
     def _rerank_tables(self) -> None:
         """Per-variable facts the reranker's features need (words, numbers, which view is which)."""
         starts = np.searchsorted(self._owner, np.arange(len(self.docs))) if len(self._owner) else np.zeros(0, int)
+        # Views are stored variable by variable; when each variable has one, a best-view maximum is a reduceat.
+        contiguous = bool(len(self._owner)) and bool(np.all(np.diff(self._owner) >= 0)) and \
+            np.array_equal(np.unique(self._owner), np.arange(len(self.docs)))
+        self._view_starts = starts if contiguous else None
         self._name_view, self._dcid_view, self._name_words, self._dcid_canon = [], [], [], []
-        self._numbers, self._head_words = [], []
+        self._numbers, self._head_words, self._segments = [], [], []
+        self._negated = np.zeros(len(self.docs), dtype=np.float32)
         names = Counter(" ".join(sorted(_canon_words(doc.name))) for doc in self.docs)
         self._duplicate = np.zeros(len(self.docs), dtype=np.float32)
         for i, doc in enumerate(self.docs):
@@ -430,6 +443,10 @@ class VariableIndex:
             self._dcid_canon.append(_canon_words(dwords) - SCHEMA_WORDS)
             self._numbers.append(set(_NUMBER.findall(f"{doc.name} {dwords}")))
             self._head_words.append(set(content_words(" ".join([doc.name, *doc.aliases, dwords]))))
+            segments = [(_canon_words(dcid_words(part)) | set(_NUMBER.findall(part))) - SCHEMA_WORDS
+                        for part in re.split(r"[_/]", doc.dcid)]
+            self._segments.append([seg for seg in segments if seg])
+            self._negated[i] = float(_negated(w for w, _, _ in words_with_spans(f"{doc.name} {dwords}")))
             self._duplicate[i] = float(names[" ".join(sorted(_canon_words(doc.name)))] > 1)
         var_df = Counter(w for i in range(len(self.docs)) for w in self._name_words[i] | self._dcid_canon[i])
         n = max(len(self.docs), 1)
@@ -574,11 +591,17 @@ class VariableIndex:
         """``(doc position, dense, lexical)`` for the union of the ``pool`` best by cosine and by BM25."""
         return self._candidates(query, qvec, pool)[0]
 
-    def _candidates(self, query: str, qvec: np.ndarray, pool: int) -> tuple[list[tuple[int, float, float]],
-                                                                            dict[int, float]]:
-        view_cos = self._views @ qvec
+    def _best_view(self, view_cos: np.ndarray) -> np.ndarray:
+        """Each variable's best view's cosine."""
+        if self._view_starts is not None:
+            return np.maximum.reduceat(view_cos, self._view_starts)
         dense = np.full(len(self.docs), -1.0, dtype=np.float32)
         np.maximum.at(dense, self._owner, view_cos)
+        return dense
+
+    def _candidates(self, query: str, qvec: np.ndarray, pool: int) -> tuple[list[tuple[int, float, float]],
+                                                                            dict[int, float]]:
+        dense = self._best_view(self._views @ qvec)
         by_dense = np.argpartition(-dense, min(pool, len(dense) - 1))[:pool] if len(dense) > pool else np.arange(len(dense))
         by_dense = by_dense[np.argsort(-dense[by_dense], kind="stable")]
         bm25 = self._lexical_candidates(query, pool)
@@ -599,7 +622,7 @@ class VariableIndex:
             return [], np.zeros((0, len(RERANK_FEATURES)), np.float32)
         pos = np.array([i for _, i, _, _ in fused])
         base_cos = self._views @ np.asarray(raw, dtype=np.float32)
-        base = np.array([base_cos[self._owner == i].max() for i in pos], dtype=np.float32)
+        base = self._best_view(base_cos)[pos]
         name_cos = base_cos[[self._name_view[i] for i in pos]]
         dcid_cos = base_cos[[self._dcid_view[i] for i in pos]]
         dense = np.array([d for _, _, d, _ in fused], dtype=np.float32)
@@ -613,7 +636,8 @@ class VariableIndex:
         bm25_rel = np.array([bm25.get(int(i), 0.0) / best_bm25 for i in pos], dtype=np.float32)
         qwords = _canon_words(query)
         qnums = set(_NUMBER.findall(query))
-        rows = []
+        rows, segment_rows = [], []
+        q_negated = float(_negated(w for w, _, _ in words_with_spans(query)))
         for i in pos:
             union = self._name_words[i] | self._dcid_canon[i]
             shares = []
@@ -630,6 +654,9 @@ class VariableIndex:
             number_conflict = float(bool(vnums) and bool(qnums) and not vnums <= qnums)
             rows.append((shares[0], max(shares[1], shares[2]), missing, conflict, number_match, number_conflict,
                          math.log1p(len(self._name_words[i])), self._duplicate[i]))
+            segments = self._segments[i]
+            unsupported = sum(not (seg & qwords or seg & qnums) for seg in segments)
+            segment_rows.append((len(segments), unsupported, 1 - unsupported / len(segments) if segments else 1.0))
         token = np.array(rows, dtype=np.float32)
         hybrid = np.array([h for h, _, _, _ in fused], dtype=np.float32)
         base_rank = np.empty(len(pos), dtype=np.float32)
@@ -637,7 +664,10 @@ class VariableIndex:
         features = np.column_stack([
             dense, base, name_cos, dcid_cos, hybrid, lexical, lexical_name, bm25_rel, token,
             dense - dense.max(), base - base.max(), lexical - lexical.max(),
-            np.log1p(np.arange(len(pos), dtype=np.float32)), np.log1p(base_rank)]).astype(np.float32)
+            np.log1p(np.arange(len(pos), dtype=np.float32)), np.log1p(base_rank),
+            np.array(segment_rows, dtype=np.float32), np.full(len(pos), q_negated), self._negated[pos],
+            np.abs(q_negated - self._negated[pos]), np.log1p(_ranks(-lexical)), np.log1p(_ranks(token[:, 2]))
+        ]).astype(np.float32)
         return [(_sigmoid(h), int(i), d, x) for h, i, d, x in fused], features
 
     def _rank(self, query: str, qvec: np.ndarray, k: int, pool: int, raw: np.ndarray | None = None
@@ -702,6 +732,12 @@ class VariableIndex:
         matched = [w for w in words if w in have]
         got = sum(wt for w, wt in zip(words, weights, strict=True) if w in have)
         return got / sum(weights), matched
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Each value's rank (0 = smallest; ties share the lowest rank)."""
+    values = np.asarray(values, dtype=np.float32)
+    return np.searchsorted(np.sort(values), values, side="left").astype(np.float32)
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
