@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| Data Commons production index (published) | {DATA_COMMONS_TOP1:.3f} | | |")
     print(f"| MiniLM cosine, raw query vs SVDesc | {fmt(accuracy(baseline, gold))} | "
           f"{fmt(accuracy(baseline, gold, tuning))} | {fmt(accuracy(baseline, gold, ~tuning))} |")
-    print(f"| ours (place/date cut, hybrid, adapter) | {fmt(accuracy(ours, gold))} | "
+    print(f"| ours (place/date cut, hybrid, adapter, reranker) | {fmt(accuracy(ours, gold))} | "
           f"{fmt(accuracy(ours, gold, tuning))} | {fmt(accuracy(ours, gold, ~tuning))} |")
     print(f"\nqueries/s on {len(sample)} queries: ours {ours_qps:.1f} (gazetteer + embedding + search, batched); "
           f"baseline {baseline_qps:.1f} (embedding only)")
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| method | accuracy |")
         print("|---|---|")
         print(f"| MiniLM cosine, raw question vs name | {fmt(accuracy(sg_base, sg_gold))} |")
-        print(f"| ours without the adapter | {fmt(accuracy(sg_plain, sg_gold))} |")
+        print(f"| ours without the adapter and reranker | {fmt(accuracy(sg_plain, sg_gold))} |")
         print(f"| ours | {fmt(accuracy(sg_ours, sg_gold))} |")
 
     t1, t3, t10 = accuracy(ours, gold)

@@ -16,7 +16,8 @@ the held-out half is never read here. Steps, all on frozen all-MiniLM-L6-v2 embe
    observed probability that it is right. The threshold is 0.5: abstain when the top candidate is
    more likely wrong than right.
 
-About 20 minutes on a quiet 2-core CPU (embedding ~15k texts dominates); the embeddings are cached.
+The reranker is trained afterwards, on top of this model, by ``benchmarks/train_variable_reranker.py``
+(retraining the adapter or the fusion drops it). About 20 minutes on a quiet 2-core CPU (embedding ~15k texts dominates); the embeddings are cached.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         labels.append(next((j for j, (i, _, _) in enumerate(found) if i == g), -1))
     model.weights = fit_fusion(features, labels)
     model.threshold = 0.5
+    if model.reranker is not None:  # trained on the old adapter and fusion: no longer valid
+        model.reranker = None
+        print("the reranker was dropped: retrain it with benchmarks/train_variable_reranker.py")
     if not args.refit_fusion:
         model.notes = (f"all-MiniLM-L6-v2 query adapter rank {args.rank}, {args.epochs} epochs, trained on {len(rows)} "
                        "tuning-split Data Commons gold queries (split by sha256 of the variable dcid, even = tuning)")

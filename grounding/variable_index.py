@@ -16,12 +16,21 @@ How a query is scored:
 4. **Fusion.** ``score = sigmoid(w_dense * dense + w_lexical * lexical + bias)``: the weights are
    fitted for ranking (softmax over each query's candidates), then scale and bias are calibrated so
    that the top candidate's score is the observed rate at which it is right (Platt scaling).
+5. **Reranking.** When the search model has a :class:`Reranker`, the best ``RERANK_POOL`` (30)
+   candidates by that fused score are reordered by a small learned model over variable-agnostic
+   features (:data:`RERANK_FEATURES`: adapter and base cosines, the name's and the dcid words' own
+   cosines, lexical shares and BM25, the share of the variable's own constraint words, such as
+   "female", "below", "imports", "65", that the query supports, opposite words ("import" asked,
+   "export" offered), numbers, name length, duplicate names, ranks and gaps). Its score is calibrated
+   the same way, so the threshold keeps its meaning; it is what near-twins in a catalogue need
+   (above/below poverty, imports/exports, male/female), which a cosine barely separates.
 
 The query side has an optional learned **adapter** (``q + q @ down @ up``, then renormalised: a
 low-rank correction of the query embedding that moves paraphrases toward the catalogue's wording).
-Adapter, fusion weights and threshold form a :class:`SearchModel`; the default one
+Adapter, fusion weights, reranker and threshold form a :class:`SearchModel`; the default one
 (``grounding/data/variable_search.safetensors``, 0.4 MB) was trained by
-``benchmarks/train_variable_search.py`` for all-MiniLM-L6-v2 on the tuning half of Data Commons' gold
+``benchmarks/train_variable_search.py`` (adapter, fusion) and ``benchmarks/train_variable_reranker.py``
+(reranker) for all-MiniLM-L6-v2 on the tuning half of Data Commons' gold
 queries (split by variable), and is only applied to the model it was trained for. Variable vectors
 do not depend on it, so changing it never invalidates a store's cached vectors.
 
@@ -32,6 +41,7 @@ fingerprint; :meth:`load` with another model raises :class:`StaleIndexError` (or
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -52,11 +62,13 @@ from .gazetteer import words_with_spans
 from .types import GroundingError
 from .variable_match import LexicalVariableIndex, VariableCandidate, VariableDoc
 
-__all__ = ["VariableDoc", "VariableCandidate", "VariableIndex", "FusionWeights", "SearchModel", "Embedder",
+__all__ = ["VariableDoc", "VariableCandidate", "VariableIndex", "FusionWeights", "SearchModel", "Reranker", "Embedder",
+           "RERANK_FEATURES",
            "VariableIndexError", "StaleIndexError", "dcid_words", "DEFAULT_THRESHOLD", "EMBEDDING_MODEL_ENV",
            "HybridVariableMatcher", "load_embedder", "store_variable_index", "store_variable_docs"]
 
 FORMAT_VERSION = 1
+SEARCH_MODEL_FORMAT = 2  # 2: with a reranker (optional); 1: adapter and fusion only
 VECTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
 DEFAULT_THRESHOLD = 0.5
 OUTVOTE_SCORE = 0.6  # HybridVariableMatcher: the hybrid score at which meaning outvotes a partial name match
@@ -115,15 +127,18 @@ class SearchModel:
     """
 
     def __init__(self, *, down: np.ndarray | None = None, up: np.ndarray | None = None, base_fingerprint: str = "",
-                 weights: FusionWeights | None = None, threshold: float = DEFAULT_THRESHOLD, notes: str = ""):
+                 weights: FusionWeights | None = None, threshold: float = DEFAULT_THRESHOLD, notes: str = "",
+                 reranker: Reranker | None = None):
         self.down, self.up = down, up
         self.base_fingerprint = base_fingerprint
         self.weights = weights or FusionWeights()
         self.threshold = threshold
         self.notes = notes
+        self.reranker = reranker
 
     def applies_to(self, embedder: Embedder) -> bool:
-        return self.down is not None and self.base_fingerprint == embedder.fingerprint
+        learned = self.down is not None or self.reranker is not None
+        return learned and self.base_fingerprint == embedder.fingerprint
 
     def adapt(self, queries: np.ndarray) -> np.ndarray:
         return _unit_rows(queries + (queries @ self.down) @ self.up)
@@ -133,22 +148,38 @@ class SearchModel:
 
         tensors = {"down": np.ascontiguousarray(self.down, dtype=np.float32),
                    "up": np.ascontiguousarray(self.up, dtype=np.float32)}
-        save_file(tensors, str(path), metadata={"base_fingerprint": self.base_fingerprint,
-                                                "weights": self.weights.model_dump_json(),
-                                                "threshold": repr(self.threshold), "notes": self.notes})
+        metadata = {"format": str(SEARCH_MODEL_FORMAT), "base_fingerprint": self.base_fingerprint,
+                    "weights": self.weights.model_dump_json(), "threshold": repr(self.threshold), "notes": self.notes}
+        if self.reranker is not None:
+            tensors.update({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.reranker.tensors().items()
+                            if v.size})
+            metadata["rerank_features"] = json.dumps(list(self.reranker.features))
+        save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> SearchModel:
+        """A saved model; format 1 (adapter and fusion only, no reranker) still loads."""
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}
-                down, up = f.get_tensor("down"), f.get_tensor("up")
-            return cls(down=down, up=up, base_fingerprint=meta["base_fingerprint"],
+                version = int(meta.get("format", "1"))
+                if version > SEARCH_MODEL_FORMAT:
+                    raise VariableIndexError(f"{path}: search model format {version}; this version reads up to "
+                                             f"{SEARCH_MODEL_FORMAT}")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+            reranker = None
+            if "rerank_features" in meta:
+                for name in ("rerank_w1", "rerank_b1", "rerank_w2"):
+                    tensors.setdefault(name, np.zeros(0, np.float32))
+                reranker = Reranker.from_tensors(tensors, json.loads(meta["rerank_features"]))
+            return cls(down=tensors["down"], up=tensors["up"], base_fingerprint=meta["base_fingerprint"],
                        weights=FusionWeights.model_validate_json(meta["weights"]),
-                       threshold=float(meta["threshold"]), notes=meta.get("notes", ""))
-        except (SafetensorError, OSError, KeyError, ValueError) as e:
+                       threshold=float(meta["threshold"]), notes=meta.get("notes", ""), reranker=reranker)
+        except VariableIndexError as e:
+            raise VariableIndexError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
             raise VariableIndexError(f"{path}: not a variable search model ({e!r})") from None
 
     @classmethod
@@ -159,6 +190,113 @@ class SearchModel:
 @lru_cache(maxsize=1)
 def _default_search_model() -> SearchModel:
     return SearchModel.load(DEFAULT_SEARCH_MODEL_PATH) if DEFAULT_SEARCH_MODEL_PATH.is_file() else SearchModel()
+
+
+# -- reranking ------------------------------------------------------------------------------------------
+# Variable-agnostic features of a (query, candidate) pair, in the order the reranker's weights expect.
+RERANK_FEATURES = (
+    "dense", "dense_base", "name_cos", "dcid_cos", "hybrid", "lexical", "lexical_name", "bm25_rel",
+    "var_covered", "var_covered_best", "var_missing_idf", "polarity_conflict", "number_match", "number_conflict",
+    "name_words", "duplicate_name", "dense_gap", "dense_base_gap", "lexical_gap", "hybrid_rank", "dense_base_rank",
+    "segments", "segments_unsupported", "segments_supported_share", "negation_query", "negation_var",
+    "negation_mismatch", "lexical_rank", "missing_rank",
+)
+RERANK_POOL = 30  # candidates (best by the fused hybrid score) the reranker reorders
+
+# Opposites: a variable that says one where the query says the other is probably the wrong twin.
+POLARITY_PAIRS = (
+    ("above", "below"), ("male", "female"), ("import", "export"), ("urban", "rural"), ("minimum", "maximum"),
+    ("min", "max"), ("high", "low"), ("public", "private"), ("employ", "unemploy"), ("insur", "uninsur"),
+    ("with", "without"), ("citizen", "noncitizen"), ("owner", "renter"), ("birth", "death"), ("increase", "decrease"),
+    ("married", "unmarried"), ("marri", "unmarri"), ("institutionaliz", "noninstitutionaliz"), ("veteran", "nonveteran"),
+    ("native", "foreign"), ("inflow", "outflow"), ("more", "less"), ("older", "younger"), ("full", "part"),
+)
+# Everyday words for the schema words of variable names (the catalogue's own vocabulary, both ways).
+WORD_SYNONYMS = {
+    "women": "female", "woman": "female", "girl": "female", "men": "male", "man": "male", "boy": "male",
+    "kid": "child", "children": "child", "jobless": "unemploy", "unemployment": "unemploy",
+    "employment": "employ", "worker": "employ", "job": "employ", "die": "death", "dead": "death", "died": "death",
+    "deceas": "death", "born": "birth", "old": "age", "aged": "age", "years": "year", "yearly": "annual",
+    "percentage": "percent", "share": "percent", "proportion": "percent", "rate": "percent",
+    "poor": "poverty", "pover": "poverty", "sold": "sale", "sell": "sale", "greater": "more", "over": "above",
+    "under": "below", "fewer": "less", "inhabitant": "people", "resident": "people", "population": "people",
+    "person": "people", "household": "household", "home": "household", "house": "housing", "exports": "export",
+    "imports": "import", "exported": "export", "imported": "import", "insured": "insur", "uninsured": "uninsur",
+    "insurance": "insur", "employed": "employ", "unemployed": "unemploy",
+}
+# Words that say what kind of number a variable is rather than which population it counts.
+SCHEMA_WORDS = frozenset({"number", "people", "count", "amount", "percent", "fraction", "share", "total", "year",
+                          "annual", "value", "average", "median", "rate"})
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# Words that negate what follows, and the prefixes that do the same inside one word (unemployed, noncitizen).
+NEGATIONS = frozenset({"no", "not", "non", "without", "never", "none", "nor", "lack", "lacking", "neither"})
+
+
+def _negated(words: Iterable[str]) -> bool:
+    return any(w in NEGATIONS or w.startswith(("non", "uninsur", "unemploy", "unmarri")) for w in words)
+
+
+def _canon_word(word: str) -> str:
+    word = WORD_SYNONYMS.get(word, word)
+    stemmed = _stem(word)
+    return WORD_SYNONYMS.get(stemmed, stemmed)
+
+
+def _canon_words(text: str) -> set[str]:
+    return {_canon_word(w) for w, _, _ in words_with_spans(text) if w not in STOPWORDS and not w.isdigit()}
+
+
+class Reranker:
+    """A learned reordering of the hybrid's best candidates: ``logit = z @ linear + relu(z @ w1 + b1) @ w2 + bias``
+    with ``z = (features - mean) / scale`` (:data:`RERANK_FEATURES`); the score is ``sigmoid(logit)``,
+    calibrated (Platt) so that the top candidate's score is the observed chance that it is right.
+    ``w1``/``b1``/``w2`` may be empty (hidden size 0: a linear model)."""
+
+    def __init__(self, *, mean: np.ndarray, scale: np.ndarray, linear: np.ndarray, bias: float,
+                 w1: np.ndarray | None = None, b1: np.ndarray | None = None, w2: np.ndarray | None = None,
+                 features: Sequence[str] = RERANK_FEATURES):
+        n = len(features)
+        self.features = tuple(features)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1)
+        self.scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+        self.linear = np.asarray(linear, dtype=np.float32).reshape(-1)
+        self.bias = float(bias)
+        hidden = 0 if w1 is None else np.asarray(w1).shape[1] if np.asarray(w1).ndim == 2 else -1
+        self.w1 = np.zeros((n, 0), np.float32) if w1 is None else np.asarray(w1, dtype=np.float32)
+        self.b1 = np.zeros(max(hidden, 0), np.float32) if b1 is None else np.asarray(b1, dtype=np.float32).reshape(-1)
+        self.w2 = np.zeros(max(hidden, 0), np.float32) if w2 is None else np.asarray(w2, dtype=np.float32).reshape(-1)
+        shapes_ok = (hidden >= 0 and self.mean.shape == self.scale.shape == self.linear.shape == (n,)
+                     and self.w1.shape == (n, hidden) and self.b1.shape == self.w2.shape == (hidden,)
+                     and np.all(self.scale > 0) and all(np.isfinite(a).all() for a in
+                                                         (self.mean, self.linear, self.w1, self.b1, self.w2))
+                     and math.isfinite(self.bias))
+        if not shapes_ok:
+            raise VariableIndexError(f"reranker weights do not fit {n} features (mean {self.mean.shape}, scale "
+                                     f"{self.scale.shape}, linear {self.linear.shape}, w1 {self.w1.shape}, b1 "
+                                     f"{self.b1.shape}, w2 {self.w2.shape}) or are not finite")
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        z = (np.asarray(features, dtype=np.float32) - self.mean) / self.scale
+        out = z @ self.linear + self.bias
+        if self.w2.size:
+            out = out + np.maximum(z @ self.w1 + self.b1, 0.0) @ self.w2
+        return out
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"rerank_mean": self.mean, "rerank_scale": self.scale, "rerank_linear": self.linear,
+                "rerank_bias": np.array([self.bias], np.float32), "rerank_w1": self.w1, "rerank_b1": self.b1,
+                "rerank_w2": self.w2}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray], features: Sequence[str]) -> Reranker:
+        if tuple(features) != RERANK_FEATURES:
+            raise VariableIndexError(f"the reranker was trained on features {list(features)}, this version computes "
+                                     f"{list(RERANK_FEATURES)}; retrain it (benchmarks/train_variable_search.py)")
+        hidden = tensors["rerank_w2"].size
+        return cls(mean=tensors["rerank_mean"], scale=tensors["rerank_scale"], linear=tensors["rerank_linear"],
+                   bias=float(tensors["rerank_bias"].reshape(-1)[0]),
+                   w1=tensors["rerank_w1"] if hidden else None, b1=tensors["rerank_b1"] if hidden else None,
+                   w2=tensors["rerank_w2"] if hidden else None, features=features)
 
 
 _CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z]|\d|$)|[A-Z]?[a-z]+|\d+")
@@ -267,6 +405,8 @@ class VariableIndex:
         if not self.search_model.applies_to(embedder):
             self.search_model = SearchModel()  # trained for another embedding model: untrained defaults
         self.weights = weights or self.search_model.weights
+        # Explicit fusion weights mean the fusion alone: the reranker was trained on the model's own.
+        self.reranker = self.search_model.reranker if weights is None else None
         self.threshold = self.search_model.threshold if threshold is None else threshold
         self._views = np.ascontiguousarray(view_vectors, dtype=np.float32)  # (n_views, dim), unit rows
         self._owner = np.asarray(view_owner, dtype=np.int64)  # view -> doc position
@@ -279,6 +419,38 @@ class VariableIndex:
         self._max_idf = math.log(1 + n)  # a word no variable uses
         self._lock = threading.Lock()
         self._fts = self._build_fts()
+        self._rerank_tables()
+
+    def _rerank_tables(self) -> None:
+        """Per-variable facts the reranker's features need (words, numbers, which view is which)."""
+        starts = np.searchsorted(self._owner, np.arange(len(self.docs))) if len(self._owner) else np.zeros(0, int)
+        # Views are stored variable by variable; when each variable has one, a best-view maximum is a reduceat.
+        contiguous = bool(len(self._owner)) and bool(np.all(np.diff(self._owner) >= 0)) and \
+            np.array_equal(np.unique(self._owner), np.arange(len(self.docs)))
+        self._view_starts = starts if contiguous else None
+        self._name_view, self._dcid_view, self._name_words, self._dcid_canon = [], [], [], []
+        self._numbers, self._head_words, self._segments = [], [], []
+        self._negated = np.zeros(len(self.docs), dtype=np.float32)
+        names = Counter(" ".join(sorted(_canon_words(doc.name))) for doc in self.docs)
+        self._duplicate = np.zeros(len(self.docs), dtype=np.float32)
+        for i, doc in enumerate(self.docs):
+            views = _views(doc)
+            start = int(starts[i]) if i < len(starts) else 0
+            dwords = dcid_words(doc.dcid).strip()
+            self._name_view.append(start)
+            self._dcid_view.append(start + views.index(dwords) if dwords in views else start)
+            self._name_words.append(_canon_words(doc.name) - SCHEMA_WORDS)
+            self._dcid_canon.append(_canon_words(dwords) - SCHEMA_WORDS)
+            self._numbers.append(set(_NUMBER.findall(f"{doc.name} {dwords}")))
+            self._head_words.append(set(content_words(" ".join([doc.name, *doc.aliases, dwords]))))
+            segments = [(_canon_words(dcid_words(part)) | set(_NUMBER.findall(part))) - SCHEMA_WORDS
+                        for part in re.split(r"[_/]", doc.dcid)]
+            self._segments.append([seg for seg in segments if seg])
+            self._negated[i] = float(_negated(w for w, _, _ in words_with_spans(f"{doc.name} {dwords}")))
+            self._duplicate[i] = float(names[" ".join(sorted(_canon_words(doc.name)))] > 1)
+        var_df = Counter(w for i in range(len(self.docs)) for w in self._name_words[i] | self._dcid_canon[i])
+        n = max(len(self.docs), 1)
+        self._var_idf = {w: math.log(1 + n / c) for w, c in var_df.items()}
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -403,11 +575,11 @@ class VariableIndex:
             if len(embeddings) != len(texts):
                 raise ValueError(f"{len(embeddings)} embeddings for {len(texts)} queries")
             raw = _unit_rows(np.asarray(embeddings)[todo])
-            qvecs = self.search_model.adapt(raw) if self.search_model.down is not None else raw
         else:
-            qvecs = self.query_vectors([texts[i] for i in todo])
+            raw = _unit_rows(self.embedder.encode([texts[i] for i in todo]))
+        qvecs = self.search_model.adapt(raw) if self.search_model.down is not None else raw
         for row, i in enumerate(todo):
-            results[i] = self._rank(texts[i], qvecs[row], k, pool)
+            results[i] = self._rank(texts[i], qvecs[row], k, pool, raw[row])
         return results
 
     def query_vectors(self, queries: Sequence[str]) -> np.ndarray:
@@ -417,19 +589,100 @@ class VariableIndex:
 
     def candidate_features(self, query: str, qvec: np.ndarray, pool: int = 50) -> list[tuple[int, float, float]]:
         """``(doc position, dense, lexical)`` for the union of the ``pool`` best by cosine and by BM25."""
-        view_cos = self._views @ qvec
+        return self._candidates(query, qvec, pool)[0]
+
+    def _best_view(self, view_cos: np.ndarray) -> np.ndarray:
+        """Each variable's best view's cosine."""
+        if self._view_starts is not None:
+            return np.maximum.reduceat(view_cos, self._view_starts)
         dense = np.full(len(self.docs), -1.0, dtype=np.float32)
         np.maximum.at(dense, self._owner, view_cos)
-        by_dense = np.argsort(-dense)[:pool]
-        candidates = dict.fromkeys([*map(int, by_dense), *self._lexical_candidates(query, pool)])
-        words = content_words(query)
-        return [(i, float(dense[i]), self._lexical_share(words, i)[0]) for i in candidates]
+        return dense
 
-    def _rank(self, query: str, qvec: np.ndarray, k: int, pool: int) -> list[VariableCandidate]:
+    def _candidates(self, query: str, qvec: np.ndarray, pool: int) -> tuple[list[tuple[int, float, float]],
+                                                                            dict[int, float]]:
+        dense = self._best_view(self._views @ qvec)
+        by_dense = np.argpartition(-dense, min(pool, len(dense) - 1))[:pool] if len(dense) > pool else np.arange(len(dense))
+        by_dense = by_dense[np.argsort(-dense[by_dense], kind="stable")]
+        bm25 = self._lexical_candidates(query, pool)
+        candidates = dict.fromkeys([*map(int, by_dense), *bm25])
+        words = content_words(query)
+        return [(i, float(dense[i]), self._lexical_share(words, i)[0]) for i in candidates], bm25
+
+    def rerank_features(self, query: str, qvec: np.ndarray, raw: np.ndarray, pool: int = 50,
+                        keep: int = RERANK_POOL) -> tuple[list[tuple[float, int, float, float]], np.ndarray]:
+        """The hybrid's best ``keep`` candidates ``(hybrid score, doc position, dense, lexical)``, best first,
+        and their reranking features ``(keep, len(RERANK_FEATURES))``; ``qvec`` is the (adapted) query
+        vector, ``raw`` the embedder's own."""
         w = self.weights
-        scored = sorted(((_sigmoid(w.dense * dense + w.lexical * lexical + w.bias), i, dense, lexical)
-                         for i, dense, lexical in self.candidate_features(query, qvec, pool)),
-                        key=lambda s: (-s[0], self.docs[s[1]].dcid))
+        found, bm25 = self._candidates(query, qvec, pool)
+        fused = sorted(((w.dense * dense + w.lexical * lexical + w.bias, i, dense, lexical) for i, dense, lexical in found),
+                       key=lambda s: (-s[0], self.docs[s[1]].dcid))[:keep]
+        if not fused:
+            return [], np.zeros((0, len(RERANK_FEATURES)), np.float32)
+        pos = np.array([i for _, i, _, _ in fused])
+        base_cos = self._views @ np.asarray(raw, dtype=np.float32)
+        base = self._best_view(base_cos)[pos]
+        name_cos = base_cos[[self._name_view[i] for i in pos]]
+        dcid_cos = base_cos[[self._dcid_view[i] for i in pos]]
+        dense = np.array([d for _, _, d, _ in fused], dtype=np.float32)
+        lexical = np.array([x for _, _, _, x in fused], dtype=np.float32)
+        words = content_words(query)
+        weights = [self._idf.get(q, self._max_idf) for q in words]
+        total = sum(weights) or 1.0
+        lexical_name = np.array([sum(wt for q, wt in zip(words, weights, strict=True) if q in self._head_words[i]) / total
+                                 for i in pos], dtype=np.float32)
+        best_bm25 = min(bm25.values(), default=-1.0) or -1.0
+        bm25_rel = np.array([bm25.get(int(i), 0.0) / best_bm25 for i in pos], dtype=np.float32)
+        qwords = _canon_words(query)
+        qnums = set(_NUMBER.findall(query))
+        rows, segment_rows = [], []
+        q_negated = float(_negated(w for w, _, _ in words_with_spans(query)))
+        for i in pos:
+            union = self._name_words[i] | self._dcid_canon[i]
+            shares = []
+            for group in (union, self._name_words[i], self._dcid_canon[i]):
+                idf = [self._var_idf.get(v, 1.0) for v in group]
+                shares.append(sum(wt for v, wt in zip(group, idf, strict=True) if v in qwords) / sum(idf)
+                              if group else 1.0)
+            missing = sum(self._var_idf.get(v, 1.0) for v in union if v not in qwords)
+            conflict = sum((a in qwords and b not in qwords and b in union and a not in union)
+                           or (b in qwords and a not in qwords and a in union and b not in union)
+                           for a, b in POLARITY_PAIRS)
+            vnums = self._numbers[i]
+            number_match = len(qnums & vnums) / len(vnums) if vnums else 0.0
+            number_conflict = float(bool(vnums) and bool(qnums) and not vnums <= qnums)
+            rows.append((shares[0], max(shares[1], shares[2]), missing, conflict, number_match, number_conflict,
+                         math.log1p(len(self._name_words[i])), self._duplicate[i]))
+            segments = self._segments[i]
+            unsupported = sum(not (seg & qwords or seg & qnums) for seg in segments)
+            segment_rows.append((len(segments), unsupported, 1 - unsupported / len(segments) if segments else 1.0))
+        token = np.array(rows, dtype=np.float32)
+        hybrid = np.array([h for h, _, _, _ in fused], dtype=np.float32)
+        base_rank = np.empty(len(pos), dtype=np.float32)
+        base_rank[np.argsort(-base, kind="stable")] = np.arange(len(pos))
+        features = np.column_stack([
+            dense, base, name_cos, dcid_cos, hybrid, lexical, lexical_name, bm25_rel, token,
+            dense - dense.max(), base - base.max(), lexical - lexical.max(),
+            np.log1p(np.arange(len(pos), dtype=np.float32)), np.log1p(base_rank),
+            np.array(segment_rows, dtype=np.float32), np.full(len(pos), q_negated), self._negated[pos],
+            np.abs(q_negated - self._negated[pos]), np.log1p(_ranks(-lexical)), np.log1p(_ranks(token[:, 2]))
+        ]).astype(np.float32)
+        return [(_sigmoid(h), int(i), d, x) for h, i, d, x in fused], features
+
+    def _rank(self, query: str, qvec: np.ndarray, k: int, pool: int, raw: np.ndarray | None = None
+              ) -> list[VariableCandidate]:
+        reranker = self.reranker
+        if reranker is not None and raw is not None:
+            fused, features = self.rerank_features(query, qvec, raw, pool, keep=max(k, RERANK_POOL))
+            logits = reranker.logits(features)
+            scored = sorted(((_sigmoid(float(z)), i, dense, lexical) for z, (_, i, dense, lexical)
+                             in zip(logits, fused, strict=True)), key=lambda s: (-s[0], self.docs[s[1]].dcid))
+        else:
+            w = self.weights
+            scored = sorted(((_sigmoid(w.dense * dense + w.lexical * lexical + w.bias), i, dense, lexical)
+                             for i, dense, lexical in self.candidate_features(query, qvec, pool)),
+                            key=lambda s: (-s[0], self.docs[s[1]].dcid))
         words = content_words(query)
         out = []
         for score, i, dense, lexical in scored[:k]:
@@ -460,15 +713,16 @@ class VariableIndex:
     def doc(self, dcid: str) -> VariableDoc:
         return self.docs[self._by_dcid[dcid]]
 
-    def _lexical_candidates(self, query: str, limit: int) -> list[int]:
+    def _lexical_candidates(self, query: str, limit: int) -> dict[int, float]:
+        """The ``limit`` best variables by FTS5 BM25 (doc position -> bm25, lower is better), best first."""
         terms = [w for w, _, _ in words_with_spans(query) if w not in STOPWORDS]
         if not terms:
-            return []
+            return {}
         match = " OR ".join('"' + t.replace('"', "") + '"' for t in dict.fromkeys(terms))
         with self._lock:
-            rows = self._fts.execute("SELECT rowid FROM docs WHERE docs MATCH ? ORDER BY bm25(docs) LIMIT ?",
-                                     (match, limit)).fetchall()
-        return [r[0] for r in rows]
+            rows = self._fts.execute("SELECT rowid, bm25(docs) FROM docs WHERE docs MATCH ? ORDER BY bm25(docs) "
+                                     "LIMIT ?", (match, limit)).fetchall()
+        return {r[0]: float(r[1]) for r in rows}
 
     def _lexical_share(self, words: list[str], i: int) -> tuple[float, list[str]]:
         if not words:
@@ -478,6 +732,12 @@ class VariableIndex:
         matched = [w for w in words if w in have]
         got = sum(wt for w, wt in zip(words, weights, strict=True) if w in have)
         return got / sum(weights), matched
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Each value's rank (0 = smallest; ties share the lowest rank)."""
+    values = np.asarray(values, dtype=np.float32)
+    return np.searchsorted(np.sort(values), values, side="left").astype(np.float32)
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

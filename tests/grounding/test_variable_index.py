@@ -8,6 +8,7 @@ variable's name.
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import threading
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 
 from grounding.variable_index import (
+    RERANK_FEATURES,
     FusionWeights,
+    Reranker,
     SearchModel,
     StaleIndexError,
     VariableCandidate,
@@ -283,3 +286,136 @@ def test_the_embedding_model_setting_names_an_unknown_path(monkeypatch):
     monkeypatch.setenv("GEMMA_GROUNDING_EMBEDDING_MODEL", "/no/such/embedding-model")
     with pytest.raises(EmbeddingModelError, match="/no/such/embedding-model"):
         VariableIndex.build(CATALOGUE[:2])
+
+
+# -- the reranker -----------------------------------------------------------------------------------------
+TWINS = [
+    VariableDoc(dcid="Amount_Exports_Goods", name="Value of Exports of Goods"),
+    VariableDoc(dcid="Amount_Imports_Goods", name="Value of Imports of Goods"),
+    VariableDoc(dcid="Count_Person_Female", name="Female Population"),
+    VariableDoc(dcid="Count_Person_Male", name="Male Population"),
+    VariableDoc(dcid="Count_Person_5To17Years", name="Population Aged 5 to 17"),
+    VariableDoc(dcid="Count_Person_65OrMoreYears", name="Population Aged 65 or More"),
+    VariableDoc(dcid="Count_Person_BelowPovertyLevel", name="People Below the Poverty Level"),
+    VariableDoc(dcid="Count_Person_AbovePovertyLevel", name="People Above the Poverty Level"),
+    *CATALOGUE,
+]
+COLUMN = {name: j for j, name in enumerate(RERANK_FEATURES)}
+
+
+@pytest.fixture(scope="module")
+def twins(embedder):
+    return VariableIndex.build(TWINS, embedder=embedder, search_model=SearchModel())
+
+
+def _features(index, embedder, query):
+    raw = embedder.encode([query])[0]
+    raw = raw / np.linalg.norm(raw)
+    fused, features = index.rerank_features(query, raw, raw)
+    return {index.docs[i].dcid: row for (_, i, _, _), row in zip(fused, features, strict=True)}
+
+
+def test_constraint_features_of_twins(twins, embedder):
+    # Opposites: the query says "import", the exports twin says "export" and not "import".
+    rows = _features(twins, embedder, "how much does the country import in goods")
+    assert rows["Amount_Exports_Goods"][COLUMN["polarity_conflict"]] == 1
+    assert rows["Amount_Imports_Goods"][COLUMN["polarity_conflict"]] == 0
+    rows = _features(twins, embedder, "number of women")  # "women" is the catalogue's "female"
+    assert rows["Count_Person_Male"][COLUMN["polarity_conflict"]] == 1
+    assert rows["Count_Person_Female"][COLUMN["polarity_conflict"]] == 0
+    # "female" is the female twin's only constraint word (population, person, count are schema words).
+    assert rows["Count_Person_Female"][COLUMN["var_covered"]] == pytest.approx(1.0)
+    assert rows["Count_Person_Male"][COLUMN["var_covered"]] == pytest.approx(0.0)
+    # Numbers: the query's 65 is the 65-or-more variable's; the 5-17 one has numbers the query lacks.
+    rows = _features(twins, embedder, "people aged 65 and over")
+    old, young = rows["Count_Person_65OrMoreYears"], rows["Count_Person_5To17Years"]
+    assert (old[COLUMN["number_match"]], old[COLUMN["number_conflict"]]) == (1.0, 0.0)
+    assert (young[COLUMN["number_match"]], young[COLUMN["number_conflict"]]) == (0.0, 1.0)
+    # Ranks and gaps are relative to the candidates: the best has gap 0 and rank 0.
+    best = max(rows.values(), key=lambda r: r[COLUMN["dense_base"]])
+    assert best[COLUMN["dense_base_gap"]] == 0 and best[COLUMN["dense_base_rank"]] == 0
+
+
+def test_a_reranker_that_penalises_opposites_prefers_the_matching_twin(twins, embedder):
+    n = len(RERANK_FEATURES)
+    linear = np.zeros(n, np.float32)
+    linear[COLUMN["polarity_conflict"]] = -6.0
+    linear[COLUMN["dense"]] = 1.0
+    reranker = Reranker(mean=np.zeros(n), scale=np.ones(n), linear=linear, bias=-0.5)
+    model = SearchModel(reranker=reranker, base_fingerprint=embedder.fingerprint)
+    index = VariableIndex(twins.docs, twins.view_vectors, twins.view_owner, embedder, search_model=model)
+    query = "people above the poverty level"
+    found = index.search(query, k=3)
+    assert found[0].dcid == "Count_Person_AbovePovertyLevel"
+    rows = _features(twins, embedder, query)
+    expected = {d: 1 / (1 + math.exp(-(float(r @ linear) - 0.5))) for d, r in rows.items()}
+    for c in found:
+        assert c.score == pytest.approx(expected[c.dcid], abs=1e-4)
+    below = next(c for c in index.search(query, k=len(TWINS)) if c.dcid == "Count_Person_BelowPovertyLevel")
+    assert below.score < found[0].score
+    # Explicit fusion weights mean the fusion alone, without the reranker.
+    fusion = VariableIndex(twins.docs, twins.view_vectors, twins.view_owner, embedder, search_model=model,
+                           weights=FusionWeights())
+    assert fusion.reranker is None
+
+
+def test_the_shipped_reranker_prefers_the_twin_the_query_asks_for(embedder):
+    index = VariableIndex.build(TWINS, embedder=embedder)
+    assert index.reranker is not None, "the shipped search model has a reranker"
+    for query, dcid in {"how much does the country import in goods": "Amount_Imports_Goods",
+                        "what is the value of goods sold abroad": "Amount_Exports_Goods",
+                        "how many women live there": "Count_Person_Female",
+                        "how many men live there": "Count_Person_Male",
+                        "people above the poverty level": "Count_Person_AbovePovertyLevel",
+                        "how many poor people": "Count_Person_BelowPovertyLevel",
+                        "how many people are 65 or older": "Count_Person_65OrMoreYears",
+                        "school age children 5 to 17": "Count_Person_5To17Years"}.items():
+        found = index.search(query, k=3)
+        assert found[0].dcid == dcid, (query, [(c.dcid, c.score) for c in found])
+        assert 0 <= found[0].score <= 1
+
+
+def test_reranker_weights_round_trip_and_bad_files(embedder, tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(2)
+    n = len(RERANK_FEATURES)
+    base = SearchModel.default()
+    features = rng.normal(size=(7, n)).astype(np.float32)
+    for hidden in (0, 5):
+        reranker = Reranker(mean=rng.normal(size=n), scale=rng.uniform(0.5, 2, size=n), linear=rng.normal(size=n),
+                            bias=0.3, **({"w1": rng.normal(size=(n, hidden)), "b1": rng.normal(size=hidden),
+                                          "w2": rng.normal(size=hidden)} if hidden else {}))
+        model = SearchModel(down=base.down, up=base.up, base_fingerprint=embedder.fingerprint, reranker=reranker)
+        model.save(tmp_path / "r.safetensors")
+        back = SearchModel.load(tmp_path / "r.safetensors")
+        np.testing.assert_allclose(back.reranker.logits(features), reranker.logits(features), rtol=1e-6)
+        z = (features - reranker.mean) / reranker.scale
+        expected = z @ reranker.linear + 0.3 + (np.maximum(z @ reranker.w1 + reranker.b1, 0) @ reranker.w2
+                                                if hidden else 0)
+        np.testing.assert_allclose(back.reranker.logits(features), expected, rtol=1e-5, atol=1e-5)
+    # A format-1 file (adapter and fusion only) still loads, without a reranker.
+    save_file({"down": base.down, "up": base.up}, str(tmp_path / "v1.safetensors"),
+              metadata={"base_fingerprint": "x", "weights": FusionWeights().model_dump_json(), "threshold": "0.5"})
+    assert SearchModel.load(tmp_path / "v1.safetensors").reranker is None
+    tensors = {"down": base.down, "up": base.up, **{k: v for k, v in reranker.tensors().items() if v.size}}
+    meta = {"format": "2", "base_fingerprint": "x", "weights": FusionWeights().model_dump_json(), "threshold": "0.5",
+            "rerank_features": '["dense", "something_else"]'}
+    save_file(tensors, str(tmp_path / "features.safetensors"), metadata=meta)
+    with pytest.raises(VariableIndexError, match="retrain"):
+        SearchModel.load(tmp_path / "features.safetensors")
+    save_file(tensors, str(tmp_path / "future.safetensors"), metadata={**meta, "format": "99"})
+    with pytest.raises(VariableIndexError, match="format 99"):
+        SearchModel.load(tmp_path / "future.safetensors")
+    bad = dict(tensors, rerank_linear=np.full(n, np.nan, np.float32))
+    save_file(bad, str(tmp_path / "nan.safetensors"), metadata={**meta, "rerank_features": json.dumps(RERANK_FEATURES)})
+    with pytest.raises(VariableIndexError, match="not finite"):
+        SearchModel.load(tmp_path / "nan.safetensors")
+    short = dict(tensors, rerank_mean=np.zeros(3, np.float32))
+    save_file(short, str(tmp_path / "short.safetensors"), metadata={**meta, "rerank_features": json.dumps(RERANK_FEATURES)})
+    with pytest.raises(VariableIndexError, match="short.safetensors"):
+        SearchModel.load(tmp_path / "short.safetensors")
+    whole = (tmp_path / "r.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(VariableIndexError, match="cut.safetensors"):
+        SearchModel.load(tmp_path / "cut.safetensors")
