@@ -271,12 +271,14 @@ def check_nbits(nbits: float) -> None:
         )
 
 
-def lloyd_max(residuals: np.ndarray, dim_bits: np.ndarray, iterations: int = LLOYD_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
+def lloyd_max(residuals: np.ndarray, dim_bits: np.ndarray, iterations: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension scalar quantisers of ``residuals`` -> cutoffs ``(dim, L - 1)`` and values ``(dim, L)``
     (L = 2^max(dim_bits); a narrower dimension's spare cutoffs are +inf and its spare values repeat its
     last). Starts from equal-probability buckets decoded to their means (ColBERTv2's quantiser), then
     alternates cutoffs = midpoints between values, values = mean of each bucket (1-D k-means, which
-    never raises the squared error). An empty bucket keeps its previous value."""
+    never raises the squared error). An empty bucket keeps its previous value. ``iterations`` defaults
+    to :data:`LLOYD_ITERATIONS` (0: ColBERTv2's buckets, as this codec trained before format 3)."""
+    iterations = LLOYD_ITERATIONS if iterations is None else iterations
     x = torch.from_numpy(np.ascontiguousarray(residuals.T, dtype=np.float32))  # (dim, n)
     dim, n = x.shape
     levels = 1 << int(dim_bits.max())
