@@ -8,8 +8,10 @@
    mixing a main topic with others, per-token noise; queries are perturbed tokens of a page, so the
    exact top 10 are that page and its topic neighbours): build time, p50/p95 latency of one query,
    recall@10 against exact search, bytes per page, for the IVF token index at several search
-   settings and for each compression option (including PLAID residual compression at 1 and 2 bits,
-   whose candidates come from its centroid postings instead of the IVF token index), with a
+   settings and for each compression option (including PLAID residual compression at 1 to 4 bits,
+   fractional widths such as 3.75 that mix 3- and 4-bit dimensions, and, for comparison, ColBERTv2's
+   equal-probability buckets instead of Lloyd-Max ones; PLAID's candidates come from its centroid
+   postings instead of the IVF token index), with a
    projection to 1M pages, and a closing table of all options side by side.
 
 3. ``--gpu``: the Triton MaxSim kernel (``kernels.maxsim``) on a CUDA GPU against the torch
@@ -40,7 +42,9 @@ if "--dry-run" in sys.argv:  # the interpreter must be chosen before triton is i
 
 from device_results import record  # noqa: E402
 
+from vision_rag import plaid as plaid_module  # noqa: E402
 from vision_rag.index import Index  # noqa: E402
+from vision_rag.plaid import LLOYD_ITERATIONS  # noqa: E402
 from vision_rag.scoring import maxsim_packed  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
@@ -178,6 +182,12 @@ def bench_ann(args) -> None:
         "plaid1": dict(storage="plaid", plaid_nbits=1),
         "plaid2": dict(storage="plaid", plaid_nbits=2),
         "plaid4": dict(storage="plaid", plaid_nbits=4),
+        "plaid3": dict(storage="plaid", plaid_nbits=3),
+        "plaid3.5": dict(storage="plaid", plaid_nbits=3.5),
+        "plaid3.75": dict(storage="plaid", plaid_nbits=3.75),
+        # ColBERTv2's equal-probability buckets (how the codec trained before Lloyd-Max buckets), for comparison
+        "plaid2-quantile": dict(storage="plaid", plaid_nbits=2, lloyd_iterations=0),
+        "plaid4-quantile": dict(storage="plaid", plaid_nbits=4, lloyd_iterations=0),
     }
     truths: dict[int, list[list[int]]] = {}
     summary: list[tuple] = []
@@ -209,6 +219,8 @@ def exact_fp16_truth(corpus: Corpus, size: int, queries: list[np.ndarray], chunk
 
 
 def _bench_option(args, corpus, directory, option, settings, sizes, query_pages, wanted, truths):
+    settings = dict(settings)
+    plaid_module.LLOYD_ITERATIONS = settings.pop("lloyd_iterations", LLOYD_ITERATIONS)  # a training choice, not a setting
     index = Index.open(directory, create=True, model_id="synthetic", dim=args.dim, ann="ivf",
                        autocommit=False, **settings)
     queries_by_page: dict[int, np.ndarray] = {}

@@ -33,8 +33,9 @@ deleted_gen`` for the manifest's generation ``G``, so a process killed at any mo
 committed state readable and complete; the next writer removes the leftovers. Nothing is pickled.
 
 Format versions: 1 is every storage but PLAID; an index with ``storage="plaid"`` is written as
-version 2, so older code refuses it with a clear error instead of misreading it. Version-1 indexes
-are opened and written as they are (they stay version 1).
+version 2, or 3 when its residual codes are 3 bits wide or mix widths (``plaid_nbits`` 3 or fractional,
+which code reading only version 2 cannot decode), so older code refuses it with a clear error instead
+of misreading it. Older indexes are opened and written as they are (they keep their version).
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .clustering import kmeans
-from .plaid import PlaidCodec, PlaidSettingsError, Postings, centroid_scores, check_nbits
+from .plaid import PlaidCodec, PlaidSettingsError, Postings, centroid_scores, check_nbits, dim_bits_for
 from .scoring import maxsim_packed, top_k
 
 FORMAT_NAME = "gemma-grounding.vision-index"
-FORMAT_VERSION = 2  # the newest format this code reads; see format_version_for
+FORMAT_VERSION = 3  # the newest format this code reads; see format_version_for
 CODEC_STORAGES = ("sq8", "pq", "plaid")  # stored as codes of a codec trained on the first pages
 
 Storage = Literal["fp16", "fp32", "sq8", "pq", "plaid"]
@@ -163,7 +164,8 @@ class IndexSettings(BaseModel):
     exact_below_pages: int = DEFAULT_EXACT_BELOW_PAGES
     pq_m: int = 32  # PQ bytes per token of the "pq" codec (dim must be divisible by it); +1-2 bytes list id
     pq_coarse: int = 1024  # coarse centroids of the "pq" codec (it codes the residual to the nearest one)
-    plaid_nbits: int = 2  # "plaid": residual bits per dimension (1, 2 or 4)
+    # "plaid": residual bits per dimension, 1 to 4; a fraction (e.g. 3.75) mixes the two whole widths around it
+    plaid_nbits: int | float = 2
     plaid_centroids: int | None = None  # "plaid": k-means centroids; None: ColBERTv2's rule, capped (plaid.py)
     ann_pq_m: int = 16  # bytes per token in the IVF token index
     nlist: int | None = None  # IVF lists; None: chosen from the number of training tokens
@@ -174,10 +176,13 @@ class IndexSettings(BaseModel):
     rerank: int = 128  # candidate pages rescored exactly (>= k); 128 keeps recall@10 >= 0.95 at 20k pages (bench)
 
 
-def format_version_for(storage: str) -> int:
-    """The format version an index with this storage is written in: PLAID needs version 2; the
-    others keep version 1, so code from before version 2 still opens them."""
-    return 2 if storage == "plaid" else 1
+def format_version_for(storage: str, plaid_nbits: float = 2) -> int:
+    """The format version an index with these settings is written in: PLAID needs version 2, and 3
+    when its codes are 3 bits wide or mix widths (``plaid_nbits`` not 1, 2 or 4); the others keep
+    version 1, so older code still opens every index it can read."""
+    if storage != "plaid":
+        return 1
+    return 2 if plaid_nbits in (1, 2, 4) else 3
 
 
 class Manifest(BaseModel):
@@ -402,6 +407,7 @@ class Index:
         if "plaid_nbits" in settings:
             try:
                 check_nbits(settings["plaid_nbits"])
+                dim_bits_for(settings["plaid_nbits"], dim or 128)
             except PlaidSettingsError as exc:
                 raise IndexSettingsError(str(exc)) from None
         if storage == "plaid" and ann == "hnsw":
@@ -420,7 +426,7 @@ class Index:
             index_settings = IndexSettings(**given, **settings)
             manifest = Manifest(
                 model_id=model_id, dim=dim or 128, settings=index_settings,
-                format_version=format_version_for(index_settings.storage),
+                format_version=format_version_for(index_settings.storage, index_settings.plaid_nbits),
             )
             lock = _acquire_lock(directory)
             try:
