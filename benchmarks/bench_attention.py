@@ -46,8 +46,8 @@ if "--dry-run" in sys.argv:  # the interpreter must be chosen before triton is i
 
 from device_results import record  # noqa: E402
 
-from kernels.attention import attention_prefill_triton, attention_reference  # noqa: E402
-from kernels.decode import decode_attention_triton  # noqa: E402
+from gemma_kernels.attention import attention_prefill_triton, attention_reference  # noqa: E402
+from gemma_kernels.decode import decode_attention_triton  # noqa: E402
 
 DEVICE = "cuda"  # "cpu" in a dry run
 DTYPE = torch.bfloat16  # float32 in a dry run (the interpreter's bf16 arithmetic is unreliable)

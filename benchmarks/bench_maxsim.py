@@ -14,7 +14,7 @@
    postings instead of the IVF token index), with a
    projection to 1M pages, and a closing table of all options side by side.
 
-3. ``--gpu``: the Triton MaxSim kernel (``kernels.maxsim``) on a CUDA GPU against the torch
+3. ``--gpu``: the Triton MaxSim kernel (``gemma_kernels.maxsim``) on a CUDA GPU against the torch
    specification (one einsum per block of pages, fp32 accumulation), TFLOP/s and pages scored per
    second, bf16 and fp16, after checking the kernel's scores against the reference. With
    ``--dry-run`` the same runs on the CPU under the Triton interpreter at tiny sizes.
@@ -315,7 +315,7 @@ def bench_hnsw(args) -> None:
 
 def bench_gpu(args) -> None:
     """Triton MaxSim kernel vs the torch specification on padded (N, Ld, D) pages."""
-    from kernels.maxsim import maxsim_reference, maxsim_triton
+    from gemma_kernels.maxsim import maxsim_reference, maxsim_triton
 
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():

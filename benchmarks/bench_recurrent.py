@@ -181,7 +181,7 @@ def print_table(rows) -> None:
 
 
 def scan_benchmark(args) -> None:
-    from kernels.rglru import rglru_scan_chunked, rglru_scan_reference
+    from gemma_kernels.rglru import rglru_scan_chunked, rglru_scan_reference
 
     print("RG-LRU scan on the CPU (batch 1, fp32): one step per token vs the chunked path")
     for width in (768, 2560):
@@ -194,7 +194,7 @@ def scan_benchmark(args) -> None:
     if not torch.cuda.is_available():
         print("no CUDA device: the Triton kernel's GB/s is not measured here")
         return
-    from kernels.rglru import rglru_scan_triton
+    from gemma_kernels.rglru import rglru_scan_triton
 
     batch, seq, width = 8, 8192, 2560
     a = torch.rand(batch, seq, width, device="cuda", dtype=torch.bfloat16)

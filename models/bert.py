@@ -2,7 +2,7 @@
 
 Post-LayerNorm encoder layers ``h = ln1(h + attn(h))``, ``h = ln2(h + mlp(h))`` with biases
 everywhere, bidirectional multi-head attention over the unpadded tokens (right padding, through
-:func:`kernels.attention.attention` with ``kv_lens`` so CUDA runs the Triton kernels), exact-erf GELU.
+:func:`gemma_kernels.attention.attention` with ``kv_lens`` so CUDA runs the Triton kernels), exact-erf GELU.
 Embeddings are word + learned absolute position + token type, then LayerNorm.
 
 Module names follow Hugging Face's ``BertModel`` (``embeddings.word_embeddings``,
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
+from gemma_kernels.attention import attention
 
 from .config import ConfigError
 

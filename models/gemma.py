@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
+from gemma_kernels.attention import attention
 
 from .config import GemmaConfig
 

@@ -3,7 +3,7 @@
 Residual blocks ``r = x + temporal(temporal_pre_norm(x)); out = r + mlp(channel_pre_norm(r))`` whose
 temporal block follows ``block_types`` cyclically: a recurrent block (gelu branch times conv1d ->
 RG-LRU branch) or a local multi-query attention block (partial RoPE, sliding window, through the
-project's attention entry point). The RG-LRU recurrence runs on :func:`kernels.rglru.rglru_scan`.
+project's attention entry point). The RG-LRU recurrence runs on :func:`gemma_kernels.rglru.rglru_scan`.
 
 Generation state (:class:`RecurrentState`) is fixed-size: per recurrent layer the last
 ``conv1d_width - 1`` conv inputs and the float32 RG-LRU state; per attention layer a ring buffer of
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
-from kernels.rglru import rglru_scan
+from gemma_kernels.attention import attention
+from gemma_kernels.rglru import rglru_scan
 
 from .config import ConfigError, _read_json
 from .gemma import GemmaLM, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq

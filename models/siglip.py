@@ -3,7 +3,7 @@
 The tower: a ``Conv2d(patch, stride=patch)`` patch embedding plus one learned position embedding per
 patch (no CLS token); pre-LayerNorm encoder layers ``h += attn(ln1(h))``, ``h += mlp(ln2(h))`` with
 biases everywhere, non-causal multi-head attention (head_dim 72 in So400m, through
-:func:`kernels.attention.attention` so CUDA runs the Triton kernels), a GELU-tanh MLP; a final
+:func:`gemma_kernels.attention.attention` so CUDA runs the Triton kernels), a GELU-tanh MLP; a final
 ``post_layernorm``. Standalone checkpoints add a MAP head (a learned probe attends over the patches,
 then LayerNorm + MLP with a residual) that pools the patches into one image embedding; PaliGemma
 does not use it.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
+from gemma_kernels.attention import attention
 
 from .config import ConfigError
 

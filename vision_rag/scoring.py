@@ -13,7 +13,7 @@ are converted to fp32 a chunk at a time (a few tens of thousands of tokens, so t
 every query is multiplied against the chunk in ONE matrix product, and the per-page max and per-query
 sum are reductions over that block (torch for the conversion and product, NumPy for the reductions).
 
-On CUDA tensors :func:`maxsim` calls the Triton kernel in ``kernels.maxsim``.
+On CUDA tensors :func:`maxsim` calls the Triton kernel in ``gemma_kernels.maxsim``.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def maxsim(queries, pages, *, query_lens=None, doc_lens=None) -> torch.Tensor:
     """Exact MaxSim -> ``(Q, N)`` float32 tensor.
 
     ``pages``: a list of ``(n_i, D)`` tensors or a padded ``(N, Ld, D)`` tensor with ``doc_lens``
-    (packed pages go to :func:`maxsim_packed`). CUDA inputs use the Triton kernel of ``kernels.maxsim``.
+    (packed pages go to :func:`maxsim_packed`). CUDA inputs use the Triton kernel of ``gemma_kernels.maxsim``.
     """
     if isinstance(pages, (torch.Tensor, np.ndarray)) and pages.ndim == 3:
         if isinstance(pages, torch.Tensor) and pages.is_cuda:
@@ -184,7 +184,7 @@ def _pad(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _maxsim_cuda(queries, docs: torch.Tensor, query_lens, doc_lens) -> torch.Tensor:
-    from kernels.maxsim import maxsim as maxsim_kernel  # imported lazily: only CUDA needs Triton
+    from gemma_kernels.maxsim import maxsim as maxsim_kernel  # imported lazily: only CUDA needs Triton
 
     if isinstance(queries, torch.Tensor) and queries.ndim == 2:
         queries = queries[None]

@@ -14,10 +14,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import kernels.attention as attention  # noqa: E402
-import kernels.decode as decode  # noqa: E402
-import kernels.maxsim as maxsim  # noqa: E402
-import kernels.rglru as rglru  # noqa: E402
+import gemma_kernels.attention as attention  # noqa: E402
+import gemma_kernels.decode as decode  # noqa: E402
+import gemma_kernels.maxsim as maxsim  # noqa: E402
+import gemma_kernels.rglru as rglru  # noqa: E402
 
 INT_ARGS = {"q_len", "kv_len_total", "q_heads", "kv_heads", "group", "window", "num_splits", "chunk", "rows",
             "q_tokens", "q_offset_all", "kv_lens_all", "prefix_all", "seq_len", "width"}

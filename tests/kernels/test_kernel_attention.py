@@ -23,8 +23,8 @@ import pytest
 import torch
 from kernel_covering import covers_all_pairs, pairwise
 
-import kernels.attention as attention_module
-from kernels.attention import AttentionArgumentError, attention, attention_reference, attention_triton
+import gemma_kernels.attention as attention_module
+from gemma_kernels.attention import AttentionArgumentError, attention, attention_reference, attention_triton
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -237,7 +237,7 @@ def no_launch(monkeypatch):
             launched.append(grid)
             raise AssertionError("a kernel was launched")
 
-    import kernels.decode as decode_module
+    import gemma_kernels.decode as decode_module
 
     monkeypatch.setattr(attention_module, "_prefill_kernel", Recorder())
     monkeypatch.setattr(decode_module, "_decode_split_kernel", Recorder())
@@ -297,7 +297,7 @@ def test_backend_selection(monkeypatch):
 
 
 def test_one_query_per_row_goes_to_the_decode_kernel(monkeypatch):
-    import kernels.decode as decode_module
+    import gemma_kernels.decode as decode_module
 
     calls = []
     real = decode_module.decode_attention_triton
@@ -311,7 +311,7 @@ def test_one_query_per_row_goes_to_the_decode_kernel(monkeypatch):
 
 
 def test_triton_on_cpu_without_the_interpreter_says_what_to_do():
-    code = ("import torch\nfrom kernels.attention import attention, AttentionArgumentError\n"
+    code = ("import torch\nfrom gemma_kernels.attention import attention, AttentionArgumentError\n"
             "q = torch.randn(1, 1, 4, 16)\n"
             "try:\n    attention(q, q, q, backend='triton')\nexcept AttentionArgumentError as e:\n    print(e)\n")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}

@@ -19,7 +19,7 @@ import torch
 from kernel_covering import covers_all_pairs, pairwise
 from test_kernel_attention import build_case, case_id
 
-from kernels.attention import attention
+from gemma_kernels.attention import attention
 
 FACTORS = dict(
     mask=["causal", "window", "prefix", "prefix_window", "none"],

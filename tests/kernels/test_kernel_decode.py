@@ -14,8 +14,8 @@ import pytest
 import torch
 from kernel_covering import covers_all_pairs, pairwise
 
-from kernels.attention import AttentionArgumentError, attention, attention_reference
-from kernels.decode import decode_attention, decode_attention_reference, decode_attention_triton
+from gemma_kernels.attention import AttentionArgumentError, attention, attention_reference
+from gemma_kernels.decode import decode_attention, decode_attention_reference, decode_attention_triton
 
 
 def tolerance(dtype, v):

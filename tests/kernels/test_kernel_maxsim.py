@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.maxsim import MaxSimArgumentError, maxsim, maxsim_reference, maxsim_triton
+from gemma_kernels.maxsim import MaxSimArgumentError, maxsim, maxsim_reference, maxsim_triton
 
 
 def close(out, ref, queries, docs):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.attention as attention_module
-import kernels.decode as decode_module
+import gemma_kernels.attention as attention_module
+import gemma_kernels.decode as decode_module
 from models.config import GemmaConfig
 from models.gemma import GemmaLM
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 from kernel_covering import covers_all_pairs, pairwise
 
-import kernels.rglru as rglru_module
-from kernels.rglru import (
+import gemma_kernels.rglru as rglru_module
+from gemma_kernels.rglru import (
     ScanArgumentError,
     rglru_scan,
     rglru_scan_chunked,

@@ -20,7 +20,7 @@ zeros (only padding queries can be in that state).
 Implementations, all taking the same arguments: :func:`attention_reference` (plain torch, the
 specification); :func:`attention_prefill_triton`, a FlashAttention-2-style forward kernel (online
 softmax over key tiles, the score matrix never materialised, fully hidden key tiles skipped, masks
-built only on edge tiles); ``kernels.decode.decode_attention_triton``, a split-K kernel for one query
+built only on edge tiles); ``gemma_kernels.decode.decode_attention_triton``, a split-K kernel for one query
 per row. :func:`attention` picks one (Triton on CUDA, torch elsewhere). The kernels take head dims
 16..256 (padded to a power-of-two tile, so 72 works), fp16/bf16/fp32, accumulating in fp32.
 """

@@ -1,6 +1,6 @@
 """Decode attention: one new query token per row against a KV cache (flash-decoding, split-K).
 
-Same arguments and semantics as :func:`kernels.attention.attention` with ``q_len == 1``: ``q`` is
+Same arguments and semantics as :func:`gemma_kernels.attention.attention` with ``q_len == 1``: ``q`` is
 ``(batch, q_heads, 1, head_dim)``, ``k``/``v`` the cache ``(batch, kv_heads, kv_len, head_dim)``; the
 query of row ``b`` sits at position ``q_offset[b]`` and sees keys ``j < kv_lens[b]`` that are causal
 (``j <= q_offset[b]`` and inside the sliding window when one is set, or both inside the prefix-LM prefix).

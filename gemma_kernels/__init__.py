@@ -1,8 +1,8 @@
 """Triton kernels, each beside the plain-torch reference that specifies it.
 
-The entry points live in their modules: ``from kernels.attention import attention`` and
-``from kernels.maxsim import maxsim`` (the package does not re-export them, so ``kernels.attention``
-and ``kernels.maxsim`` stay the modules).
+The entry points live in their modules: ``from gemma_kernels.attention import attention`` and
+``from gemma_kernels.maxsim import maxsim`` (the package does not re-export them, so ``gemma_kernels.attention``
+and ``gemma_kernels.maxsim`` stay the modules).
 """
 
 from .attention import AttentionArgumentError, attention_reference, attention_triton
