@@ -17,6 +17,8 @@ only, softmax over all catalogue variables) with ``train_variable_reranker.py``'
 
 The held-out half is never used for learning or any choice. LoRA factors and query vectors are cached
 in ``--cache`` (keyed by rank, epochs, seed, fold and the phrases) so an interrupted run resumes.
+The fusion weights and reranker fitted for the whole-half LoRA are written beside its factors
+(``lora-tuning-r<rank>-e<epochs>-s<seed>-search-model.safetensors``), so shipping needs no retraining.
 Printed: all / tuning / held-out top-1 | top-3 | top-10 for the LoRA with fusion only, LoRA + reranker,
 and (``--baseline``) the shipped adapter + reranker on the same queries; the Systema Globalis reported
 questions for the LoRA + reranker.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -219,6 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     a, b = platt(cv_top[~is_sg], cv_right[~is_sg])
     reranker.linear, reranker.bias = reranker.linear * a, b
     print(f"chose SG weight {sg_weight:g}; Platt a={a:.3f} b={b:.3f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    # Fusion and reranker for the whole-tuning-half LoRA, next to its factors (so shipping needs no retraining).
+    from safetensors.numpy import save_file
+
+    learned = args.cache / f"lora-tuning-r{args.rank}-e{args.epochs}-s{args.seed}-search-model.safetensors"
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in reranker.tensors().items() if v.size},
+              str(learned), metadata={"weights": weights.model_dump_json(), "rerank_features": json.dumps(
+                  list(reranker.features)), "base_fingerprint": base.fingerprint, "sg_weight": repr(sg_weight)})
+    print(f"wrote {learned}", flush=True)
 
     # Evaluation: both splits, after every choice above was made on the tuning half.
     index.reranker = sg_index.reranker = reranker
