@@ -266,6 +266,8 @@ class GemmaLM(nn.Module):
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
         """Preallocate the static KV cache (reused while large enough)."""
         c = self.config
+        if self._compile_decode:  # fewer, larger caches: a compiled step is traced for one cache size
+            max_len = -(-max_len // _KV_BUCKET) * _KV_BUCKET
         dtype = dtype or self.model.embed_tokens.weight.dtype
         device = device or self.model.embed_tokens.weight.device
         first = self.model.layers[0].self_attn.cache
@@ -388,7 +390,7 @@ class GemmaLM(nn.Module):
 
     def compile_decode(self, enabled: bool = True) -> GemmaLM:
         """Compile :meth:`decode_step` with ``torch.compile`` (TorchInductor; shapes dynamic in the
-        position and the cache length, so one compilation serves a whole generation and later ones).
+        position, so one compilation serves every step with one KV cache).
 
         On a CPU the one-token step is mostly hundreds of small operations (norms, RoPE, attention,
         residuals) around a few matmuls; Inductor fuses them into a few C++ loops, which removes most
@@ -402,8 +404,10 @@ class GemmaLM(nn.Module):
         this CPU, as much as the fused operations save) are skipped. In their place the step checks
         what can change the traced code (quantisation, the LM head, the attention backend and its
         environment setting) and compiles afresh when it changed; weights updated or replaced with
-        tensors of the same shapes are read anew at every call. ``enabled=False`` returns to the eager
-        step. Returns the model."""
+        tensors of the same shapes are read anew at every call. The KV cache's sizes are fixed in the
+        traced code, so a new cache size compiles again: while compiled, :meth:`setup_cache` rounds
+        lengths up to a multiple of 256 and keeps a cache that is large enough. ``enabled=False``
+        returns to the eager step. Returns the model."""
         self._compiled_decode = None
         self._compile_decode = bool(enabled)
         if enabled and self.device.type == "cpu":
@@ -413,8 +417,11 @@ class GemmaLM(nn.Module):
     def _decode_signature(self) -> tuple:
         """What the compiled step's code depends on beyond its tensors' values and sizes."""
         first = self.model.layers[0]
+        cache = first.self_attn.cache
+        # the KV cache's sizes are static in the traced graph (module buffers), hence part of it
         return (self.attention_backend, os.environ.get("GEMMA_GROUNDING_ATTENTION"), id(self.lm_head_quantized),
-                id(first.self_attn.qkv_proj), id(first.mlp.gate_up_proj), self.training, self.device, self.dtype)
+                id(first.self_attn.qkv_proj), id(first.mlp.gate_up_proj), self.training, self.device, self.dtype,
+                None if cache is None else (tuple(cache.k.shape), cache.k.dtype))
 
     @property
     def device(self) -> torch.device:
