@@ -175,6 +175,24 @@ def test_index_search_explain_end_to_end(workspace, capsys):
         shutil.move(moved, model_dir)
 
 
+def test_plaid_width_is_a_cli_setting(workspace, capsys, tmp_path):
+    _, model_dir, _, docs = workspace
+    # PLAID trains its centroids on the first file's token vectors (>= 256): 12 pages of 22 tokens
+    pages = [draw_page(kind) for kind in ["circle", "square", "stripes", "text"] * 3]
+    pages[0].save(tmp_path / "long.pdf", save_all=True, append_images=pages[1:], resolution=72)
+    rc, _, err = run_main(capsys, "index", "--model", model_dir, "--index", tmp_path / "p", "--dpi", 72,
+                          "--storage", "plaid", "--plaid-nbits", "3.75", tmp_path / "long.pdf")
+    assert rc == 0, err
+    with Index.open(tmp_path / "p") as index:
+        assert (index.settings.storage, index.settings.plaid_nbits, index.manifest.format_version) == ("plaid", 3.75, 3)
+    rc, _, err = run_main(capsys, "index", "--model", model_dir, "--index", tmp_path / "q",
+                          "--plaid-nbits", "3", docs / "sub" / "scan.png")
+    assert rc == 2 and "--plaid-nbits needs --storage plaid" in err
+    rc, _, err = run_main(capsys, "index", "--model", model_dir, "--index", tmp_path / "r", "--storage", "plaid",
+                          "--plaid-nbits", "5", docs / "sub" / "scan.png")
+    assert rc == 2 and "plaid_nbits" in err
+
+
 def test_cli_errors_are_clear(workspace, capsys, tmp_path):
     _, model_dir, _, docs = workspace
     rc, _, err = run_main(capsys, "search", "--index", tmp_path / "nothing", "query")
