@@ -63,6 +63,39 @@ def test_generate_streams_the_greedy_continuation(checkpoint, capsys, chat):
     assert capsys.readouterr().out == expected + "\n"
 
 
+@pytest.mark.parametrize("extra", [["--quantize", "int8"], ["--quantize", "int8", "--compile"]])
+def test_quantised_and_compiled_generation_from_the_shell(checkpoint, capsys, monkeypatch, extra):
+    """The flags reach the library: the output is the library's own int8 generation (whose agreement
+    with fp32 is tested in test_quantize.py, and compiled against eager in test_compile_decode.py)."""
+    import models
+    from models import generate_ids, load_model
+    from models.quantize import Int8Linear
+
+    loaded, compiled = [], []
+
+    def recording_load(*args, **kwargs):
+        loaded.append((kwargs, load_model(*args, **kwargs)))
+        return loaded[-1][1]
+
+    def recording_compile(self, enabled=True):
+        compiled.append(self)
+        return original_compile(self, enabled)
+
+    original_compile = GemmaLM.compile_decode
+    monkeypatch.setattr(models, "load_model", recording_load, raising=False)
+    monkeypatch.setattr(GemmaLM, "compile_decode", recording_compile)
+    directory, _, tokenizer = checkpoint
+    assert main(["generate", "--model", str(directory), "--max-new-tokens", "10", *extra, "the cat"]) == 0
+    (kwargs, model), = loaded
+    assert kwargs["quantize"] == "int8" and any(isinstance(m, Int8Linear) for m in model.modules())
+    assert compiled == ([model] if "--compile" in extra else [])
+    quantised = load_model(directory, quantize="int8")
+    ids = generate_ids(quantised, [tokenizer.encode("the cat")], max_new_tokens=10,
+                       stop_token_ids=tokenizer.stop_token_ids)[0]
+    ids = [t for t in ids if t not in tokenizer.stop_token_ids]
+    assert capsys.readouterr().out == tokenizer.decode(ids) + "\n"
+
+
 def test_bad_input_is_a_clear_error_not_a_traceback(checkpoint, capsys):
     directory, _, _ = checkpoint
     assert main(["generate", "--model", str(directory), ""]) == 2
