@@ -185,11 +185,6 @@ class DecoderLayer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
-def _hooked(model: nn.Module) -> bool:
-    """Whether any forward (pre-)hook is attached to the model or one of its modules."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
 class CompileUnavailableError(RuntimeError):
     """torch.compile cannot run here (no C++ compiler for TorchInductor's CPU code)."""
 
@@ -261,6 +256,7 @@ class GemmaLM(nn.Module):
         self._compile_decode = False  # compile_decode(): the one-token step compiled by torch.compile
         self._compiled_decode = None
         self._compiled_signature: tuple | None = None
+        self._compiled_modules: tuple[nn.Module, ...] = ()
 
     # -- cache ---------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
@@ -381,11 +377,13 @@ class GemmaLM(nn.Module):
 
         Runs the step compiled by :meth:`compile_decode` when it was called and no forward hook is
         attached (hooks such as steering run eagerly, exactly as registered)."""
-        if self._compile_decode and not _hooked(self):
+        if self._compile_decode:
             signature = self._decode_signature()
             if self._compiled_decode is None or signature != self._compiled_signature:
                 self._compiled_decode, self._compiled_signature = _compiled_step(self), signature
-            return self._compiled_decode(token_ids, input_pos)
+                self._compiled_modules = tuple(self.modules())  # walked once, not at every step
+            if not any(m._forward_hooks or m._forward_pre_hooks for m in self._compiled_modules):
+                return self._compiled_decode(token_ids, input_pos)
         return self._decode_logits(token_ids, input_pos)
 
     def compile_decode(self, enabled: bool = True) -> GemmaLM:
