@@ -123,7 +123,7 @@ def featurize(index, phrases, qvecs, raws, gold):
 
 
 def rank_all(index, phrases, qvecs, raws, *, rerank: bool) -> list[list[str]]:
-    return [[c.dcid for c in index._rank(p, q, 10, 50, r if rerank else None)]
+    return [[c.dcid for c in index._explain(p, q, index._scored(p, q, 10, 50, r if rerank else None), 10)]
             for p, q, r in zip(phrases, qvecs, raws, strict=True)]
 
 

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from .gazetteer import words_with_spans
 from .types import GroundingError
@@ -68,7 +68,7 @@ __all__ = ["VariableDoc", "VariableCandidate", "VariableIndex", "FusionWeights",
            "HybridVariableMatcher", "load_embedder", "store_variable_index", "store_variable_docs"]
 
 FORMAT_VERSION = 1
-SEARCH_MODEL_FORMAT = 2  # 2: with a reranker (optional); 1: adapter and fusion only
+SEARCH_MODEL_FORMAT = 3  # 3: with a cross-encoder (optional); 2: with a reranker (optional); 1: adapter and fusion
 VECTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
 DEFAULT_THRESHOLD = 0.5
 OUTVOTE_SCORE = 0.6  # HybridVariableMatcher: the hybrid score at which meaning outvotes a partial name match
@@ -119,6 +119,22 @@ class FusionWeights(BaseModel):
     bias: float = -10.5
 
 
+class CrossEncoderSettings(BaseModel):
+    """How the search model's cross-encoder is built and combined with the reranker.
+
+    The best ``k`` candidates after reranking are reordered by ``z = ce_logit + beta * logit(reranker
+    score)``, and their score becomes ``sigmoid(scale * z + bias)`` (Platt scaling: calibrated so the
+    top candidate's score is the observed chance that it is right, as the reranker's is).
+    """
+
+    rank: int
+    alpha: float
+    k: int = 10
+    beta: float = 0.0
+    scale: float = 1.0
+    bias: float = 0.0
+
+
 class SearchModel:
     """What is learned about queries: a query-side adapter (or none), fusion weights and the threshold.
 
@@ -128,8 +144,13 @@ class SearchModel:
 
     def __init__(self, *, down: np.ndarray | None = None, up: np.ndarray | None = None, base_fingerprint: str = "",
                  weights: FusionWeights | None = None, threshold: float = DEFAULT_THRESHOLD, notes: str = "",
-                 reranker: Reranker | None = None):
+                 reranker: Reranker | None = None, cross_encoder: dict[str, np.ndarray] | None = None,
+                 cross_encoder_settings: CrossEncoderSettings | None = None):
+        if (cross_encoder is None) != (cross_encoder_settings is None):
+            raise ValueError("a cross-encoder needs both its tensors and its settings")
         self.down, self.up = down, up
+        self.cross_encoder = cross_encoder
+        self.cross_encoder_settings = cross_encoder_settings
         self.base_fingerprint = base_fingerprint
         self.weights = weights or FusionWeights()
         self.threshold = threshold
@@ -137,7 +158,7 @@ class SearchModel:
         self.reranker = reranker
 
     def applies_to(self, embedder: Embedder) -> bool:
-        learned = self.down is not None or self.reranker is not None
+        learned = self.down is not None or self.reranker is not None or self.cross_encoder is not None
         return learned and self.base_fingerprint == embedder.fingerprint
 
     def adapt(self, queries: np.ndarray) -> np.ndarray:
@@ -154,11 +175,17 @@ class SearchModel:
             tensors.update({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.reranker.tensors().items()
                             if v.size})
             metadata["rerank_features"] = json.dumps(list(self.reranker.features))
+        if self.cross_encoder is not None:
+            from .cross_encoder import CROSS_ENCODER_PREFIX
+
+            tensors.update({CROSS_ENCODER_PREFIX + k: np.ascontiguousarray(v, dtype=np.float16)
+                            for k, v in self.cross_encoder.items()})
+            metadata["cross_encoder"] = self.cross_encoder_settings.model_dump_json()
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> SearchModel:
-        """A saved model; format 1 (adapter and fusion only, no reranker) still loads."""
+        """A saved model; formats 1 (adapter and fusion only) and 2 (no cross-encoder) still load."""
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -174,12 +201,22 @@ class SearchModel:
                 for name in ("rerank_w1", "rerank_b1", "rerank_w2"):
                     tensors.setdefault(name, np.zeros(0, np.float32))
                 reranker = Reranker.from_tensors(tensors, json.loads(meta["rerank_features"]))
+            cross, cross_settings = None, None
+            if "cross_encoder" in meta:
+                from .cross_encoder import CROSS_ENCODER_PREFIX
+
+                cross_settings = CrossEncoderSettings.model_validate_json(meta["cross_encoder"])
+                cross = {k.removeprefix(CROSS_ENCODER_PREFIX): v.astype(np.float32) for k, v in tensors.items()
+                         if k.startswith(CROSS_ENCODER_PREFIX)}
+                if not cross:
+                    raise VariableIndexError("the cross-encoder's settings are there but not its tensors")
             return cls(down=tensors["down"], up=tensors["up"], base_fingerprint=meta["base_fingerprint"],
                        weights=FusionWeights.model_validate_json(meta["weights"]),
-                       threshold=float(meta["threshold"]), notes=meta.get("notes", ""), reranker=reranker)
+                       threshold=float(meta["threshold"]), notes=meta.get("notes", ""), reranker=reranker,
+                       cross_encoder=cross, cross_encoder_settings=cross_settings)
         except VariableIndexError as e:
             raise VariableIndexError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
-        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError, ValidationError) as e:
             raise VariableIndexError(f"{path}: not a variable search model ({e!r})") from None
 
     @classmethod
@@ -408,6 +445,10 @@ class VariableIndex:
         # Explicit fusion weights mean the fusion alone: the reranker was trained on the model's own.
         self.reranker = self.search_model.reranker if weights is None else None
         self.threshold = self.search_model.threshold if threshold is None else threshold
+        # The cross-encoder reorders the reranker's best: only with it (it was combined with its scores).
+        self._cross_settings = self.search_model.cross_encoder_settings if self.reranker is not None else None
+        self._cross = None  # built on first use (a private copy of the encoder's weights)
+        self._cross_lock = threading.Lock()
         self._views = np.ascontiguousarray(view_vectors, dtype=np.float32)  # (n_views, dim), unit rows
         self._owner = np.asarray(view_owner, dtype=np.int64)  # view -> doc position
         self._view_texts = [view for doc in self.docs for view in _views(doc)]
@@ -578,9 +619,45 @@ class VariableIndex:
         else:
             raw = _unit_rows(self.embedder.encode([texts[i] for i in todo]))
         qvecs = self.search_model.adapt(raw) if self.search_model.down is not None else raw
+        scored = [self._scored(texts[i], qvecs[row], k, pool, raw[row]) for row, i in enumerate(todo)]
+        cross = self._cross_encoder()
+        if cross is not None:
+            scored = self._cross_rerank(cross, [texts[i] for i in todo], scored)
         for row, i in enumerate(todo):
-            results[i] = self._rank(texts[i], qvecs[row], k, pool, raw[row])
+            results[i] = self._explain(texts[i], qvecs[row], scored[row], k)
         return results
+
+    def _cross_encoder(self):
+        """The search model's cross-encoder for this index's embedder, built once (None without one)."""
+        if self._cross_settings is None:
+            return None
+        with self._cross_lock:
+            if self._cross is None:
+                from .cross_encoder import CrossEncoder
+
+                settings = self._cross_settings
+                self._cross = CrossEncoder.from_tensors(self.embedder, self.search_model.cross_encoder,
+                                                        rank=settings.rank, alpha=settings.alpha)
+            return self._cross
+
+    def _cross_rerank(self, cross, queries: list[str], scored: list[list[tuple[float, int, float, float]]]
+                      ) -> list[list[tuple[float, int, float, float]]]:
+        """Each query's best ``k`` (settings) reordered by the cross-encoder combined with the reranker's
+        logit, their scores recalibrated; the candidates below keep their order, scored no higher."""
+        settings = self._cross_settings
+        pairs = [(query, cross_encoder_text(self.docs[i])) for query, items in zip(queries, scored, strict=True)
+                 for _, i, _, _ in items[:settings.k]]
+        logits = cross.score(pairs) if pairs else np.zeros(0, np.float32)
+        out, at = [], 0
+        for items in scored:
+            top = items[:settings.k]
+            z = logits[at:at + len(top)] + settings.beta * np.array([_logit(s) for s, _, _, _ in top], np.float32)
+            at += len(top)
+            order = sorted(range(len(top)), key=lambda j: (-float(z[j]), self.docs[top[j][1]].dcid))
+            new = [(_sigmoid(settings.scale * float(z[j]) + settings.bias), *top[j][1:]) for j in order]
+            floor = min((s for s, _, _, _ in new), default=1.0)
+            out.append(new + [(min(s, floor), i, d, x) for s, i, d, x in items[len(top):]])
+        return out
 
     def query_vectors(self, queries: Sequence[str]) -> np.ndarray:
         """Unit query embeddings, adapted when the search model has an adapter for this embedder."""
@@ -670,8 +747,9 @@ class VariableIndex:
         ]).astype(np.float32)
         return [(_sigmoid(h), int(i), d, x) for h, i, d, x in fused], features
 
-    def _rank(self, query: str, qvec: np.ndarray, k: int, pool: int, raw: np.ndarray | None = None
-              ) -> list[VariableCandidate]:
+    def _scored(self, query: str, qvec: np.ndarray, k: int, pool: int, raw: np.ndarray | None = None
+                ) -> list[tuple[float, int, float, float]]:
+        """``(score, doc position, dense, lexical)`` of the candidates, best first (at least ``k``)."""
         reranker = self.reranker
         if reranker is not None and raw is not None:
             fused, features = self.rerank_features(query, qvec, raw, pool, keep=max(k, RERANK_POOL))
@@ -683,6 +761,10 @@ class VariableIndex:
             scored = sorted(((_sigmoid(w.dense * dense + w.lexical * lexical + w.bias), i, dense, lexical)
                              for i, dense, lexical in self.candidate_features(query, qvec, pool)),
                             key=lambda s: (-s[0], self.docs[s[1]].dcid))
+        return scored
+
+    def _explain(self, query: str, qvec: np.ndarray, scored: list[tuple[float, int, float, float]], k: int
+                 ) -> list[VariableCandidate]:
         words = content_words(query)
         out = []
         for score, i, dense, lexical in scored[:k]:
@@ -748,6 +830,17 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x > -50 else 0.0
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def cross_encoder_text(doc: VariableDoc) -> str:
+    """What the cross-encoder reads of a variable: its name, and its dcid's words when they add any."""
+    words = dcid_words(doc.dcid)
+    return f"{doc.name} ({words})" if words and words.lower() != doc.name.lower() else doc.name
 
 
 _SCHEMA = """
