@@ -198,8 +198,15 @@ def build_engine(pieces: list[str], kinds: np.ndarray, whitespace_run: list[int]
     mergeable = np.flatnonzero(proto_types == NORMAL)
     # Every character of a mergeable piece must be a mergeable piece itself: the backend spells a character
     # outside the vocabulary as bytes, which never merge; sentencepiece would keep it as a symbol.
-    singles = {pieces[i] for i in mergeable.tolist() if len(pieces[i]) == 1}
-    if not set("".join(pieces[i] for i in mergeable.tolist())) <= singles:
+    merge_pieces = [pieces[i] for i in mergeable.tolist()]
+    try:
+        codes = np.frombuffer("".join(merge_pieces).encode("utf-32-le"), dtype=np.uint32)
+        single = np.frombuffer("".join(p for p in merge_pieces if len(p) == 1).encode("utf-32-le"), dtype=np.uint32)
+    except UnicodeEncodeError:  # a lone surrogate
+        return None
+    known = np.zeros(0x110000, dtype=bool)
+    known[single] = True
+    if not known[codes].all():
         return None
     proto = sentencepiece_proto(pieces, proto_types, unk_id=unk_id, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     if proto is None:
