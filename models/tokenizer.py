@@ -22,6 +22,7 @@ normalise text (NFKC, whitespace collapsing) or add a dummy prefix are refused: 
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -105,6 +106,15 @@ class GemmaTokenizer:
     @backend.setter
     def backend(self, tokenizer: Tokenizer) -> None:
         self._backend, self._engine = tokenizer, None
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy: a lock does not copy
+        state = dict(self.__dict__)
+        del state["_backend_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._backend_lock = threading.Lock()
 
     def _required_id(self, token: str, role: str) -> int:
         token_id = self.token_to_id(token)
@@ -488,10 +498,8 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "GGU
     eos_id, pad_id, unk_id = (special_id("eos_token_id", 1), special_id("padding_token_id", 0),
                               special_id("unknown_token_id", 3))
     bos, eos, pad, unk = (_sentencepiece_spelling(pieces[i]) for i in (bos_id, eos_id, pad_id, unk_id))
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", True))
-
-    def build_backend() -> Tokenizer:
-        return tokenizer_from_vocabulary(pieces, types, bos_id=bos_id, add_bos=add_bos)
+    build_backend = functools.partial(tokenizer_from_vocabulary, pieces, types, bos_id=bos_id,
+                                      add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", True)))
 
     names = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk, "source": source}
     if engine == "auto":

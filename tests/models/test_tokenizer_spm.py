@@ -195,3 +195,17 @@ def test_proto_reads_back_with_the_independent_reader():
     normalizer = dict(_protobuf_fields(dict(fields)[3]))
     assert normalizer[1] == b"identity" and normalizer[3] == 0 and normalizer[4] == 0 and normalizer[5] == 1
     assert sentencepiece_proto(["a\ud800"], np.array([NORMAL]), unk_id=0, bos_id=0, eos_id=0, pad_id=0) is None
+
+
+def test_engine_tokenizer_deep_copies():
+    import copy
+
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", *(f"<0x{b:02X}>" for b in range(256)), "a", "b", "ab"]
+    metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces,
+                "tokenizer.ggml.token_type": [CONTROL] * 4 + [BYTE] * 256 + [NORMAL] * 3}
+    tok = tokenizer_from_gguf_metadata(metadata)
+    assert tok._engine is not None
+    twin = copy.deepcopy(tok)
+    assert twin.encode("abé") == tok.encode("abé") == [2, 262, 4 + 0xC3, 4 + 0xA9]
+    assert twin.backend.encode("abé", add_special_tokens=False).ids == [262, 4 + 0xC3, 4 + 0xA9]
+    assert tok._backend is None  # building the copy's backend left the original's alone
