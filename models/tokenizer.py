@@ -12,6 +12,10 @@ piece whose two halves are pieces is a merge, ranked by the piece's position (ea
 first, as in SentencePiece, whose pieces are stored by decreasing score). GGUF stores runs of spaces
 with real spaces where SentencePiece writes ``▁``; they are respelled.
 
+A GGUF vocabulary loads in ~0.2 s instead of ~1 s: encode/decode run on sentencepiece, from a ModelProto
+written with numpy (:mod:`models.tokenizer_spm`, tested id for id against the ``tokenizers`` backend),
+and the backend is built only when :attr:`GemmaTokenizer.backend` is first read.
+
 A SentencePiece ``tokenizer.model`` is converted the same way from its pieces, read with a small
 protobuf wire-format reader (no protobuf runtime, no sentencepiece, nothing unpickled). Models that
 normalise text (NFKC, whitespace collapsing) or add a dummy prefix are refused: Gemma's do neither.
@@ -65,7 +69,9 @@ class GemmaTokenizer:
     """Encode/decode, batches, the Gemma chat template and CodeGemma fill-in-the-middle prompts.
 
     ``tokenizer`` is a :class:`tokenizers.Tokenizer`; :attr:`backend` exposes it (``backend.save(path)``
-    writes a tokenizer.json that loads back with :func:`load_tokenizer`).
+    writes a tokenizer.json that loads back with :func:`load_tokenizer`). With ``tokenizer=None``,
+    ``engine`` (a :class:`~models.tokenizer_spm.SentencePieceEngine`) encodes and decodes, and
+    ``build_backend()`` makes the backend when it is first read.
     """
 
     def __init__(self, tokenizer: Tokenizer | None, *, bos_token: str = "<bos>", eos_token: str = "<eos>",
