@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the Systema Globalis tarball (second table); default: ../shared/data/... if present")
     parser.add_argument("--limit", type=int, default=0, help="evaluate every n-th query only (quick runs)")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "varsearch")
+    parser.add_argument("--search-model", type=Path, default=None,
+                        help="a search model file (default: the shipped grounding/data/variable_search.safetensors)")
+    parser.add_argument("--cross-encoder", action="store_true",
+                        help="also measure the search with the (opt-in) cross-encoder stage, in the same run")
     args = parser.parse_args(argv)
 
     from models.sentence_embedder import SentenceEmbedder
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     tuning = np.array([is_tuning_variable(sv) for sv in gold])
 
     t0 = time.perf_counter()
-    index = open_catalog_index(docs, embedder, args.cache)
+    learned = {"search_model": SearchModel.load(args.search_model)} if args.search_model else {}
+    index = open_catalog_index(docs, embedder, args.cache, **learned)
     print(f"catalogue: {len(docs)} variables, {len(index.view_owner)} views ({time.perf_counter() - t0:.1f} s to "
           f"build or load); queries: {len(rows)} ({tuning.sum()} tuning, {(~tuning).sum()} held out)")
 
@@ -162,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     phrases, places = zip(*(statistic_phrase(r["Query"], gazetteer) for r in rows), strict=True) if rows else ((), ())
     results = index.search_many(list(phrases), k=10, embeddings=cached_embeddings(embedder, list(phrases), args.cache))
     ours = [[c.dcid for c in found] for found in results]
+    crossed = None
+    if args.cross_encoder:
+        cross_index = open_catalog_index(docs, embedder, args.cache, cross_encoder=True, **learned)
+        t0 = time.perf_counter()
+        cross_results = cross_index.search_many(list(phrases), k=10,
+                                                embeddings=cached_embeddings(embedder, list(phrases), args.cache))
+        print(f"cross-encoder stage: {len(phrases)} queries in {time.perf_counter() - t0:.0f} s (embeddings cached)")
+        crossed = [[c.dcid for c in found] for found in cross_results]
     # Speed, measured apart from the cached embeddings: the whole path for a sample, embedding included.
     sample = [r["Query"] for r in rows[:: max(1, len(rows) // 200)]]
     t0 = time.perf_counter()
@@ -179,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{fmt(accuracy(baseline, gold, tuning))} | {fmt(accuracy(baseline, gold, ~tuning))} |")
     print(f"| ours (place/date cut, hybrid, adapter, reranker) | {fmt(accuracy(ours, gold))} | "
           f"{fmt(accuracy(ours, gold, tuning))} | {fmt(accuracy(ours, gold, ~tuning))} |")
+    if crossed is not None:
+        print(f"| ours + cross-encoder (opt-in) | {fmt(accuracy(crossed, gold))} | "
+              f"{fmt(accuracy(crossed, gold, tuning))} | {fmt(accuracy(crossed, gold, ~tuning))} |")
+        t0 = time.perf_counter()
+        cross_index.search_many([statistic_phrase(q, gazetteer)[0] for q in sample], k=10)
+        print(f"queries/s with the cross-encoder on {len(sample)} queries: {len(sample) / (time.perf_counter() - t0):.1f}")
+        c1 = np.array([r[:1] == [g] for r, g in zip(crossed, gold, strict=True)])
+        answered = np.array([bool(f) and f[0].score >= cross_index.threshold for f in cross_results])
+        print(f"with the cross-encoder, abstention at threshold {cross_index.threshold}: {1 - answered.mean():.3f}; "
+              f"top-1 accuracy of the answered: {c1[answered].mean():.3f}")
     print(f"\nqueries/s on {len(sample)} queries: ours {ours_qps:.1f} (gazetteer + embedding + search, batched); "
           f"baseline {baseline_qps:.1f} (embedding only)")
     top1 = np.array([r[:1] == [g] for r, g in zip(ours, gold, strict=True)])
@@ -212,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         tarball = Path("/work/shared/data/systema_globalis-c63631a.tar.xz")
     if tarball.is_file() and SG_QUESTIONS.is_file():
         sg_docs = systema_globalis_docs(tarball)
-        sg_index = open_catalog_index(sg_docs, embedder, args.cache)
+        sg_index = open_catalog_index(sg_docs, embedder, args.cache, **learned)
         plain = open_catalog_index(sg_docs, embedder, args.cache, search_model=SearchModel())
         questions = read_rows(SG_QUESTIONS, ("Query", "SV"))
         sg_gold = [q["SV"] for q in questions]
@@ -227,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| MiniLM cosine, raw question vs name | {fmt(accuracy(sg_base, sg_gold))} |")
         print(f"| ours without the adapter and reranker | {fmt(accuracy(sg_plain, sg_gold))} |")
         print(f"| ours | {fmt(accuracy(sg_ours, sg_gold))} |")
+        if args.cross_encoder:
+            sg_cross = open_catalog_index(sg_docs, embedder, args.cache, cross_encoder=True, **learned)
+            print(f"| ours + cross-encoder (opt-in) | "
+                  f"{fmt(accuracy([[c.dcid for c in f] for f in sg_cross.search_many(sg_phrases, k=10)], sg_gold))} |")
 
     t1, t3, t10 = accuracy(ours, gold)
     print(f"top1={t1:.3f} top3={t3:.3f} top10={t10:.3f}")

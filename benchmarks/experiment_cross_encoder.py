@@ -172,24 +172,46 @@ def logit(p):
     return np.log(p / (1 - p))
 
 
-def platt_fit(z: np.ndarray, right: np.ndarray) -> tuple[float, float]:
-    """``P(right) = sigmoid(a * z + b)`` by logistic regression (a few hundred Newton-free Adam steps)."""
+def platt_fit(z: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, float]:
+    """``P(right) = sigmoid(z @ a + b)`` by logistic regression (L-BFGS); ``z`` is (n, features)."""
     zt, yt = torch.tensor(z, dtype=torch.float64), torch.tensor(right, dtype=torch.float64)
-    a = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    a = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([a, b], max_iter=200, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([a, b], max_iter=300, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(a * zt + b, yt)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(zt @ a + b, yt)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return float(a), float(b)
+    return a.detach().numpy(), float(b.detach())
 
 
-def ship(args, tensors, beta: float, pos, combined, gold, choose_rows, held) -> None:
+def sg_tuning(tensors, args, embedder, gazetteer):
+    """For the Systema Globalis tuning questions (never the reported set): per question, the cross-encoder
+    logits of the shipped search's best ``k``, their reranker logits, and which is right."""
+    from eval_variable_search import statistic_phrase, systema_globalis_docs
+    from train_variable_reranker import SG_TUNING
+
+    from grounding.cross_encoder import CrossEncoder as Runtime
+
+    docs = systema_globalis_docs(args.systema_globalis)
+    index = open_catalog_index(docs, embedder, args.cache)
+    cross = Runtime.from_tensors(embedder, {k: v.numpy() for k, v in tensors.items()}, rank=args.rank,
+                                 alpha=2.0 * args.rank)
+    questions = read_rows(SG_TUNING, ("Query", "SV"))
+    phrases = [statistic_phrase(q["Query"], gazetteer)[0] for q in questions]
+    ce, base, right = [], [], []
+    for phrase, found, q in zip(phrases, index.search_many(phrases, k=args.k), questions, strict=True):
+        ce.append(cross.score([(phrase, cross_encoder_text(index.doc(c.dcid))) for c in found]))
+        base.append(logit(np.array([c.score for c in found])))
+        right.append(np.array([c.dcid == q["SV"] for c in found], dtype=float))
+    return ce, base, right
+
+
+def ship(args, tensors, beta: float, pos, combined, reranker_logit, gold, choose_rows, held, extra=None) -> None:
     from grounding.variable_index import DEFAULT_SEARCH_MODEL_PATH, CrossEncoderSettings, SearchModel
 
     def tops(rows):
@@ -197,23 +219,27 @@ def ship(args, tensors, beta: float, pos, combined, gold, choose_rows, held) -> 
         for q in rows:
             v = np.where(np.isnan(combined[q]), -np.inf, combined[q])
             j = int(np.argmax(v))
-            z.append(v[j])
+            z.append((v[j], reranker_logit[q, j]))
             right.append(float(pos[q, j] == gold[q]))
         return np.array(z), np.array(right)
 
     z, right = tops(choose_rows)
+    if extra is not None:
+        z, right = np.concatenate([z, extra[0]]), np.concatenate([right, extra[1]])
     a, b = platt_fit(z, right)
     zh, rh = tops(held)
-    p = 1 / (1 + np.exp(-(a * zh + b)))
-    print(f"Platt on fold-1 tuning: scale {a:.4f}, bias {b:.4f}; held-out: mean predicted {p.mean():.3f} vs "
+    p = 1 / (1 + np.exp(-(zh @ a + b)))
+    print(f"Platt on fold-1 tuning: scales {a}, bias {b:.4f}; held-out: mean predicted {p.mean():.3f} vs "
           f"observed {rh.mean():.3f}; answered at 0.5: {np.mean(p >= 0.5):.3f}, right among them "
           f"{rh[p >= 0.5].mean():.3f}", flush=True)
     model = SearchModel.load(DEFAULT_SEARCH_MODEL_PATH)
     model.cross_encoder = {k.removeprefix("bert."): v.numpy() for k, v in tensors.items()}
     model.cross_encoder_settings = CrossEncoderSettings(rank=args.rank, alpha=2.0 * args.rank, k=args.k, beta=beta,
-                                                        scale=a, bias=b)
+                                                        scale=float(a[0]), scale_reranker=float(a[1]), bias=b)
+    trained_on = "all tuning variables" if args.full else "tuning fold 0"
     model.notes = (model.notes + f"; cross-encoder: LoRA r{args.rank} on all-MiniLM-L6-v2, {args.epochs} epochs on "
-                   f"tuning fold 0, beta and Platt on tuning fold 1 (benchmarks/experiment_cross_encoder.py)").lstrip("; ")
+                   f"{trained_on}, beta and Platt chosen on tuning fold 1 with the fold-0 model "
+                   f"(benchmarks/experiment_cross_encoder.py)").lstrip("; ")
     model.save(args.ship)
     print(f"wrote {args.ship}", flush=True)
 
@@ -231,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="then retrain on all tuning variables and save")
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "varsearch" / "cross_encoder.safetensors")
+    parser.add_argument("--sg-tuning", action="store_true",
+                        help="choose beta on the mean top-1 of DC fold 1 and the Systema Globalis tuning questions, "
+                             "and fit the Platt scaling on both")
+    parser.add_argument("--systema-globalis", type=Path,
+                        default=Path("/work/shared/data/systema_globalis-c63631a.tar.xz"))
     parser.add_argument("--ship", type=Path, default=None,
                         help="write the shipped search model plus the fold-0 cross-encoder, beta and a Platt "
                              "scaling fitted on fold 1, to this path")
@@ -277,21 +308,36 @@ def main(argv: list[str] | None = None) -> int:
     base = logit(shipped)
     print(f"cross-encoder alone top-1: fold-1 tuning {top1(pos, ce_scores, gold, choose_rows):.3f}, "
           f"held-out {top1(pos, ce_scores, gold, held):.3f}", flush=True)
-    betas = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0]
+    betas = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0]
     on_choose = {b: top1(pos, ce_scores + b * base, gold, choose_rows) for b in betas}
-    beta = max(betas, key=lambda b: (on_choose[b], -b))
     print("beta -> fold-1 tuning top-1: " + ", ".join(f"{b}: {a:.3f}" for b, a in on_choose.items()))
-    print(f"chosen beta {beta}: held-out top-1 {top1(pos, ce_scores + beta * base, gold, held):.3f} "
-          f"(shipped {top1(pos, shipped, gold, held):.3f})", flush=True)
-    print("for information only, never used for a choice, held-out by beta: " + ", ".join(
-        f"{b}: {top1(pos, ce_scores + b * base, gold, held):.3f}" for b in betas), flush=True)
     from safetensors.torch import load_file, save_file
 
     tensors_path = args.cache / f"{tag}.safetensors"
     if not tensors_path.is_file():
-        save_file(ce.tensors(), str(tensors_path), metadata={"beta": json.dumps(beta)})
-    if args.ship:
-        ship(args, load_file(str(tensors_path)), beta, pos, ce_scores + beta * base, gold, choose_rows, held)
+        save_file(ce.tensors(), str(tensors_path))
+    sg = sg_tuning(load_file(str(tensors_path)), args, embedder, gazetteer) if args.sg_tuning else None
+    if sg is not None:
+        on_sg = {b: float(np.mean([r[int(np.argmax(z + b * bl))] for z, bl, r in zip(*sg, strict=True)]))
+                 for b in betas}
+        print("beta -> Systema Globalis tuning top-1: " + ", ".join(f"{b}: {a:.3f}" for b, a in on_sg.items()))
+        beta = max(betas, key=lambda b: ((on_choose[b] + on_sg[b]) / 2, -b))
+        print(f"chosen on the mean of both: beta {beta}")
+    else:
+        beta = max(betas, key=lambda b: (on_choose[b], -b))
+    print(f"chosen beta {beta}: held-out top-1 {top1(pos, ce_scores + beta * base, gold, held):.3f} "
+          f"(shipped {top1(pos, shipped, gold, held):.3f})", flush=True)
+    print("for information only, never used for a choice, held-out by beta: " + ", ".join(
+        f"{b}: {top1(pos, ce_scores + b * base, gold, held):.3f}" for b in betas), flush=True)
+    extra = None
+    if sg is not None:  # the SG tuning questions' top combined logits and whether they are right
+        tops = []
+        for z, bl, r in zip(*sg, strict=True):
+            j = int(np.argmax(z + beta * bl))
+            tops.append(((float(z[j] + beta * bl[j]), float(bl[j])), float(r[j])))
+        extra = (np.array([t for t, _ in tops]), np.array([r for _, r in tops]))
+    if args.ship and not args.full:
+        ship(args, load_file(str(tensors_path)), beta, pos, ce_scores + beta * base, base, gold, choose_rows, held, extra)
     if args.full:
         full = CrossEncoder(SentenceEmbedder.load(), args.rank, args.seed)
         train(full, phrases, texts, pos, gold, np.flatnonzero(tuning), epochs=args.epochs, lr=args.lr,
@@ -300,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"full-tuning cross-encoder, beta {beta}: held-out top-1 "
               f"{top1(pos, full_scores + beta * base, gold, held):.3f}; alone {top1(pos, full_scores, gold, held):.3f}")
         save_file(full.tensors(), str(args.out), metadata={"beta": json.dumps(beta), "k": str(args.k)})
+        if args.ship:  # beta and the Platt scaling as chosen for the fold-0 model, on fold 1
+            ship(args, load_file(str(args.out)), beta, pos, ce_scores + beta * base, base, gold, choose_rows, held, extra)
     return 0
 
 

@@ -65,6 +65,7 @@ from .variable_match import LexicalVariableIndex, VariableCandidate, VariableDoc
 __all__ = ["VariableDoc", "VariableCandidate", "VariableIndex", "FusionWeights", "SearchModel", "Reranker", "Embedder",
            "RERANK_FEATURES",
            "VariableIndexError", "StaleIndexError", "dcid_words", "DEFAULT_THRESHOLD", "EMBEDDING_MODEL_ENV",
+           "CROSS_ENCODER_ENV", "CrossEncoderSettings", "cross_encoder_text",
            "HybridVariableMatcher", "load_embedder", "store_variable_index", "store_variable_docs"]
 
 FORMAT_VERSION = 1
@@ -75,6 +76,7 @@ OUTVOTE_SCORE = 0.6  # HybridVariableMatcher: the hybrid score at which meaning 
 SEMANTIC_THRESHOLD = 0.9  # HybridVariableMatcher: the hybrid score at which meaning alone may decide
 logger = logging.getLogger(__name__)
 DEFAULT_SEARCH_MODEL_PATH = Path(__file__).resolve().parent / "data" / "variable_search.safetensors"
+CROSS_ENCODER_ENV = "GEMMA_GROUNDING_CROSS_ENCODER"  # "1": reorder the reranker's best with the cross-encoder
 
 # Words that carry no information about which statistic is meant.
 STOPWORDS = frozenset("""
@@ -123,8 +125,10 @@ class CrossEncoderSettings(BaseModel):
     """How the search model's cross-encoder is built and combined with the reranker.
 
     The best ``k`` candidates after reranking are reordered by ``z = ce_logit + beta * logit(reranker
-    score)``, and their score becomes ``sigmoid(scale * z + bias)`` (Platt scaling: calibrated so the
-    top candidate's score is the observed chance that it is right, as the reranker's is).
+    score)``, and their score becomes ``sigmoid(scale * z + scale_reranker * logit(reranker score) +
+    bias)`` (Platt scaling on two features: calibrated so the top candidate's score is the observed
+    chance that it is right, as the reranker's is; the reranker's own logit keeps out-of-scope queries,
+    which the cross-encoder was never trained on, under the threshold).
     """
 
     rank: int
@@ -132,6 +136,7 @@ class CrossEncoderSettings(BaseModel):
     k: int = 10
     beta: float = 0.0
     scale: float = 1.0
+    scale_reranker: float = 0.0
     bias: float = 0.0
 
 
@@ -435,7 +440,7 @@ class VariableIndex:
 
     def __init__(self, docs: Sequence[VariableDoc], view_vectors: np.ndarray, view_owner: np.ndarray,
                  embedder: Embedder, *, search_model: SearchModel | None = None, weights: FusionWeights | None = None,
-                 threshold: float | None = None):
+                 threshold: float | None = None, cross_encoder: bool | None = None):
         self.docs = list(docs)
         self.embedder = embedder
         self.search_model = search_model if search_model is not None else SearchModel.default()
@@ -445,8 +450,12 @@ class VariableIndex:
         # Explicit fusion weights mean the fusion alone: the reranker was trained on the model's own.
         self.reranker = self.search_model.reranker if weights is None else None
         self.threshold = self.search_model.threshold if threshold is None else threshold
-        # The cross-encoder reorders the reranker's best: only with it (it was combined with its scores).
-        self._cross_settings = self.search_model.cross_encoder_settings if self.reranker is not None else None
+        # The cross-encoder reorders the reranker's best: only with it (it was combined with its scores), and
+        # only when asked for (``cross_encoder=True`` or CROSS_ENCODER_ENV=1: see the README for why it is opt-in).
+        if cross_encoder is None:
+            cross_encoder = os.environ.get(CROSS_ENCODER_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        self._cross_settings = self.search_model.cross_encoder_settings \
+            if cross_encoder and self.reranker is not None else None
         self._cross = None  # built on first use (a private copy of the encoder's weights)
         self._cross_lock = threading.Lock()
         self._views = np.ascontiguousarray(view_vectors, dtype=np.float32)  # (n_views, dim), unit rows
@@ -636,6 +645,11 @@ class VariableIndex:
                 from .cross_encoder import CrossEncoder
 
                 settings = self._cross_settings
+                if not (hasattr(self.embedder, "model") and hasattr(self.embedder, "tokenizer")):
+                    logger.warning("the cross-encoder needs a SentenceEmbedder (its BERT model and tokenizer); "
+                                   "%s has neither: searching without it", type(self.embedder).__name__)
+                    self._cross_settings = None
+                    return None
                 self._cross = CrossEncoder.from_tensors(self.embedder, self.search_model.cross_encoder,
                                                         rank=settings.rank, alpha=settings.alpha)
             return self._cross
@@ -651,10 +665,12 @@ class VariableIndex:
         out, at = [], 0
         for items in scored:
             top = items[:settings.k]
-            z = logits[at:at + len(top)] + settings.beta * np.array([_logit(s) for s, _, _, _ in top], np.float32)
+            rl = np.array([_logit(s) for s, _, _, _ in top], np.float32)
+            z = logits[at:at + len(top)] + settings.beta * rl
             at += len(top)
             order = sorted(range(len(top)), key=lambda j: (-float(z[j]), self.docs[top[j][1]].dcid))
-            new = [(_sigmoid(settings.scale * float(z[j]) + settings.bias), *top[j][1:]) for j in order]
+            new = [(_sigmoid(settings.scale * float(z[j]) + settings.scale_reranker * float(rl[j]) + settings.bias),
+                    *top[j][1:]) for j in order]
             floor = min((s for s, _, _, _ in new), default=1.0)
             out.append(new + [(min(s, floor), i, d, x) for s, i, d, x in items[len(top):]])
         return out

@@ -192,16 +192,19 @@ TWINS = [
 ]
 
 
-def test_the_cross_encoder_reorders_the_reranked_best():
+@pytest.fixture(scope="module")
+def embedder():
     from models.sentence_embedder import SentenceEmbedder
 
-    embedder = SentenceEmbedder.load()
+    return SentenceEmbedder.load()
+
+
+def test_the_cross_encoder_reorders_the_reranked_best(embedder):
     index = VariableIndex.build(TWINS, embedder=embedder)
-    assert index.reranker is not None
-    index._cross_settings = None
+    assert index.reranker is not None and index._cross_settings is None  # opt-in: off by default
     query = "how many men live there"
     before = index.search(query, k=len(TWINS))  # the reranker alone
-    settings = CrossEncoderSettings(rank=1, alpha=1.0, k=4, beta=0.5, scale=0.8, bias=-1.0)
+    settings = CrossEncoderSettings(rank=1, alpha=1.0, k=4, beta=0.5, scale=0.8, scale_reranker=0.3, bias=-1.0)
     scorer = Scorer()
     index._cross_settings, index._cross = settings, scorer
     after = index.search(query, k=len(TWINS))
@@ -209,19 +212,53 @@ def test_the_cross_encoder_reorders_the_reranked_best():
     assert [text for _, text in scorer.pairs] == [cross_encoder_text(index.doc(c.dcid)) for c in top]
     assert all(q == query for q, _ in scorer.pairs)
 
-    def z(c):
+    def rl(c):
         p = min(max(c.score, 1e-6), 1 - 1e-6)
-        ce = 4.0 if ("Female" in c.dcid or "Imports" in c.dcid) else 0.0
-        return ce + 0.5 * math.log(p / (1 - p))
+        return math.log(p / (1 - p))
+
+    def z(c):
+        return (4.0 if ("Female" in c.dcid or "Imports" in c.dcid) else 0.0) + 0.5 * rl(c)
 
     expected = sorted(top, key=lambda c: (-z(c), c.dcid))
     assert [c.dcid for c in after[:4]] == [c.dcid for c in expected]
     for got, want in zip(after[:4], expected, strict=True):
         # before's scores are rounded to 4 places, so z differs by up to ~1e-4 / p(1-p)
-        assert got.score == pytest.approx(1 / (1 + math.exp(-(0.8 * z(want) - 1.0))), abs=2e-3)
+        assert got.score == pytest.approx(1 / (1 + math.exp(-(0.8 * z(want) + 0.3 * rl(want) - 1.0))), abs=2e-3)
     floor = min(c.score for c in after[:4])
     assert [c.dcid for c in after[4:]] == [c.dcid for c in before[4:]]
     assert all(c.score <= floor + 1e-9 for c in after[4:])
     # k=1 still reorders the best 4 (the answer must not depend on how many candidates are asked for).
     scorer.pairs.clear()
     assert index.search(query, k=1)[0].dcid == after[0].dcid and len(scorer.pairs) == 4
+
+
+def test_the_shipped_cross_encoder_is_opt_in_and_applies_to_its_model(embedder, monkeypatch):
+    from grounding.variable_index import CROSS_ENCODER_ENV
+
+    shipped = SearchModel.default()
+    assert shipped.cross_encoder is not None and shipped.applies_to(embedder)
+    monkeypatch.delenv(CROSS_ENCODER_ENV, raising=False)
+    assert VariableIndex.build(TWINS, embedder=embedder)._cross_settings is None
+    assert VariableIndex.build(TWINS, embedder=embedder, cross_encoder=True)._cross_settings is not None
+    monkeypatch.setenv(CROSS_ENCODER_ENV, "1")
+    index = VariableIndex.build(TWINS, embedder=embedder)
+    assert index._cross_settings == shipped.cross_encoder_settings
+    found = index.search("how many women live there", k=3)  # the real cross-encoder, merged on first use
+    assert found[0].dcid == "Count_Person_Female" and 0 <= found[0].score <= 1
+    assert index._cross is not None
+    assert VariableIndex.build(TWINS, embedder=embedder, cross_encoder=False)._cross_settings is None
+
+
+def test_without_a_sentence_embedder_the_search_goes_on_without_it(embedder, caplog):
+    class Wrapped:  # same model and fingerprint, but no BERT model or tokenizer to copy
+        fingerprint, dim = embedder.fingerprint, embedder.dim
+
+        def encode(self, texts):
+            return embedder.encode(texts)
+
+    index = VariableIndex.build(TWINS, embedder=Wrapped(), cross_encoder=True)
+    plain = VariableIndex.build(TWINS, embedder=embedder)
+    with caplog.at_level("WARNING"):
+        found = index.search("how many women live there", k=3)
+    assert "needs a SentenceEmbedder" in caplog.text
+    assert [(c.dcid, c.score) for c in found] == [(c.dcid, c.score) for c in plain.search("how many women live there", k=3)]
