@@ -25,6 +25,14 @@ How a query is scored:
    the same way, so the threshold keeps its meaning; it is what near-twins in a catalogue need
    (above/below poverty, imports/exports, male/female), which a cosine barely separates.
 
+6. **Cross-encoder (opt-in).** With ``cross_encoder=True`` (or ``GEMMA_GROUNDING_CROSS_ENCODER=1``) and a
+   search model that has one, the best ``k`` (10) after reranking are read together with the query by
+   :class:`grounding.cross_encoder.CrossEncoder` (MiniLM with a LoRA update and a linear head) and
+   reordered by ``ce_logit + beta * logit(reranker score)``; their scores are recalibrated
+   (:class:`CrossEncoderSettings`). It costs ~10 encoder passes per query, and is off by default
+   because it is trained on half of the tuning queries only and loses some everyday paraphrases
+   (README, "Variable search").
+
 The query side has an optional learned **adapter** (``q + q @ down @ up``, then renormalised: a
 low-rank correction of the query embedding that moves paraphrases toward the catalogue's wording).
 Adapter, fusion weights, reranker and threshold form a :class:`SearchModel`; the default one
