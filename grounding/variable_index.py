@@ -223,6 +223,10 @@ class SearchModel:
                          if k.startswith(CROSS_ENCODER_PREFIX)}
                 if not cross:
                     raise VariableIndexError("the cross-encoder's settings are there but not its tensors")
+                damaged = sorted(k for k, v in cross.items() if not np.isfinite(v).all())
+                if damaged:
+                    raise VariableIndexError(f"the cross-encoder's tensors are not finite ({', '.join(damaged[:3])}); "
+                                             "retrain or reinstall the search model")
             return cls(down=tensors["down"], up=tensors["up"], base_fingerprint=meta["base_fingerprint"],
                        weights=FusionWeights.model_validate_json(meta["weights"]),
                        threshold=float(meta["threshold"]), notes=meta.get("notes", ""), reranker=reranker,

@@ -167,6 +167,10 @@ def test_search_model_file_keeps_the_cross_encoder(tmp_path):
               str(tmp_path / "bad_settings.safetensors"), metadata={**meta, "cross_encoder": '{"rank": "x"}'})
     with pytest.raises(VariableIndexError, match="bad_settings.safetensors"):
         SearchModel.load(tmp_path / "bad_settings.safetensors")
+    save_file({"down": base.down, "up": base.up, "ce.head.weight": np.full((1, 8), np.nan, np.float16)},
+              str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(VariableIndexError, match="nan.safetensors.*not finite.*head.weight"):
+        SearchModel.load(tmp_path / "nan.safetensors")
 
 
 class Scorer:
