@@ -68,18 +68,9 @@ class CrossEncoder(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
-        encodings = self.tokenizer.encode_batch(pairs)
-        lengths = torch.tensor([len(e.ids) for e in encodings], dtype=torch.int32)
-        n = int(lengths.max())
-        ids = torch.zeros(len(pairs), n, dtype=torch.long)
-        types = torch.zeros(len(pairs), n, dtype=torch.long)
-        for j, e in enumerate(encodings):
-            ids[j, : len(e.ids)] = torch.tensor(e.ids)
-            types[j, : len(e.ids)] = torch.tensor(e.type_ids)
-        hidden = self.bert(ids, lengths, types)
-        valid = (torch.arange(n)[None, :] < lengths[:, None])[..., None]
-        pooled = (hidden * valid).sum(1) / lengths[:, None]
-        return self.head(pooled)[:, 0]
+        from grounding.cross_encoder import pooled_pairs
+
+        return self.head(pooled_pairs(self.bert, self.tokenizer.encode_batch(pairs)))[:, 0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {k: v.detach().to(torch.float32).contiguous() for k, v in self.bert.state_dict().items() if "lora_" in k}

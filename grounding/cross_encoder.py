@@ -25,13 +25,30 @@ import torch
 
 from .types import GroundingError
 
-__all__ = ["CrossEncoder", "CrossEncoderError", "CROSS_ENCODER_PREFIX"]
+__all__ = ["CrossEncoder", "CrossEncoderError", "CROSS_ENCODER_PREFIX", "pooled_pairs"]
 
 CROSS_ENCODER_PREFIX = "ce."  # tensor names in the search model file
 
 
 class CrossEncoderError(GroundingError):
     """A cross-encoder's tensors do not fit the embedding model, or are damaged."""
+
+
+def pooled_pairs(model, encodings) -> torch.Tensor:
+    """Mean-pooled last hidden states ``(len(encodings), hidden)`` of tokenized pairs (``tokenizers``
+    encodings, token types included), right-padded into one batch. Differentiable: training and
+    :meth:`CrossEncoder.score` share it, so both read a pair the same way."""
+    lengths = torch.tensor([len(e.ids) for e in encodings], dtype=torch.int32)
+    n = int(lengths.max())
+    ids = torch.zeros(len(encodings), n, dtype=torch.long)
+    types = torch.zeros(len(encodings), n, dtype=torch.long)
+    for j, e in enumerate(encodings):
+        ids[j, : len(e.ids)] = torch.tensor(e.ids)
+        types[j, : len(e.ids)] = torch.tensor(e.type_ids)
+    device = model.device
+    hidden = model(ids.to(device), lengths.to(device), types.to(device)).float().cpu()
+    valid = (torch.arange(n)[None, :] < lengths[:, None])[..., None]
+    return (hidden * valid).sum(1) / lengths[:, None]
 
 
 class CrossEncoder:
@@ -96,16 +113,6 @@ class CrossEncoder:
         order = sorted(range(len(pairs)), key=lambda i: len(encodings[i].ids))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            lengths = torch.tensor([len(encodings[i].ids) for i in rows], dtype=torch.int32)
-            n = int(lengths.max())
-            ids = torch.zeros(len(rows), n, dtype=torch.long)
-            types = torch.zeros(len(rows), n, dtype=torch.long)
-            for j, i in enumerate(rows):
-                ids[j, : lengths[j]] = torch.tensor(encodings[i].ids)
-                types[j, : lengths[j]] = torch.tensor(encodings[i].type_ids)
-            device = self.model.device
-            hidden = self.model(ids.to(device), lengths.to(device), types.to(device)).float().cpu()
-            valid = (torch.arange(n)[None, :] < lengths[:, None])[..., None]
-            pooled = (hidden * valid).sum(1) / lengths[:, None]
+            pooled = pooled_pairs(self.model, [encodings[i] for i in rows])
             out[rows] = (pooled @ self.head_weight + self.head_bias).numpy()
         return out

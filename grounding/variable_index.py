@@ -59,7 +59,7 @@ import threading
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -666,12 +666,17 @@ class VariableIndex:
                                                         rank=settings.rank, alpha=settings.alpha)
             return self._cross
 
+    @cached_property
+    def _cross_texts(self) -> list[str]:
+        """What the cross-encoder reads of each variable (made once, on first use)."""
+        return [cross_encoder_text(doc) for doc in self.docs]
+
     def _cross_rerank(self, cross, queries: list[str], scored: list[list[tuple[float, int, float, float]]]
                       ) -> list[list[tuple[float, int, float, float]]]:
         """Each query's best ``k`` (settings) reordered by the cross-encoder combined with the reranker's
         logit, their scores recalibrated; the candidates below keep their order, scored no higher."""
         settings = self._cross_settings
-        pairs = [(query, cross_encoder_text(self.docs[i])) for query, items in zip(queries, scored, strict=True)
+        pairs = [(query, self._cross_texts[i]) for query, items in zip(queries, scored, strict=True)
                  for _, i, _, _ in items[:settings.k]]
         logits = cross.score(pairs) if pairs else np.zeros(0, np.float32)
         out, at = [], 0
