@@ -202,6 +202,26 @@ def sg_tuning(tensors, args, embedder, gazetteer):
     return ce, base, right
 
 
+def sg_training_rows(args, embedder, gazetteer):
+    """The Systema Globalis tuning questions as training rows: (phrases, doc texts, (Q, k) candidate positions
+    into those texts, gold positions). A question whose variable is not among the candidates gets it in
+    the last slot, as for the Data Commons queries."""
+    from eval_variable_search import statistic_phrase, systema_globalis_docs
+    from train_variable_reranker import SG_TUNING
+
+    docs = systema_globalis_docs(args.systema_globalis)
+    index = open_catalog_index(docs, embedder, args.cache)
+    where = {d.dcid: i for i, d in enumerate(docs)}
+    questions = read_rows(SG_TUNING, ("Query", "SV"))
+    phrases = [statistic_phrase(q["Query"], gazetteer)[0] for q in questions]
+    pos = np.full((len(phrases), args.k), -1, np.int64)
+    for q, found in enumerate(index.search_many(phrases, k=args.k)):
+        for j, c in enumerate(found):
+            pos[q, j] = where[c.dcid]
+    gold = np.array([where[q["SV"]] for q in questions])
+    return phrases, [cross_encoder_text(d) for d in docs], pos, gold
+
+
 def ship(args, tensors, beta: float, pos, combined, reranker_logit, gold, choose_rows, held, extra=None) -> None:
     from grounding.variable_index import DEFAULT_SEARCH_MODEL_PATH, CrossEncoderSettings, SearchModel
 
@@ -228,7 +248,9 @@ def ship(args, tensors, beta: float, pos, combined, reranker_logit, gold, choose
     model.cross_encoder_settings = CrossEncoderSettings(rank=args.rank, alpha=2.0 * args.rank, k=args.k, beta=beta,
                                                         scale=float(a[0]), scale_reranker=float(a[1]), bias=b)
     trained_on = "all tuning variables" if args.full else "tuning fold 0"
-    model.notes = (model.notes + f"; cross-encoder: LoRA r{args.rank} on all-MiniLM-L6-v2, {args.epochs} epochs on "
+    if args.full and args.train_sg:
+        trained_on += f" and the Systema Globalis tuning questions (x{args.train_sg})"
+    model.notes = (model.notes.split("; cross-encoder:")[0] + f"; cross-encoder: LoRA r{args.rank} on all-MiniLM-L6-v2, {args.epochs} epochs on "
                    f"{trained_on}, beta and Platt chosen on tuning fold 1 with the fold-0 model "
                    f"(benchmarks/experiment_cross_encoder.py)").lstrip("; ")
     model.save(args.ship)
@@ -253,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                              "and fit the Platt scaling on both")
     parser.add_argument("--systema-globalis", type=Path,
                         default=Path("/work/shared/data/systema_globalis-c63631a.tar.xz"))
+    parser.add_argument("--train-sg", type=int, default=0, metavar="N",
+                        help="with --full: also train on the Systema Globalis tuning questions, each N times")
     parser.add_argument("--ship", type=Path, default=None,
                         help="write the shipped search model plus the fold-0 cross-encoder, beta and a Platt "
                              "scaling fitted on fold 1, to this path")
@@ -286,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shipped top-1: fold-1 tuning {top1(pos, shipped, gold, choose_rows):.3f}, held-out {top1(pos, shipped, gold, held):.3f}; "
           f"gold within top-{args.k}: held-out {np.mean([gold[q] in pos[q] for q in held]):.3f}", flush=True)
 
-    tag = f"ce-f0-r{args.rank}-e{args.epochs}-lr{args.lr}-b{args.batch}-s{args.seed}-{key}"
+    # the trained model depends on the candidates, not on the bytes of the search-model file (which also
+    # holds the shipped cross-encoder): key it by the candidates' content
+    cands_key = hashlib.sha256(pos.tobytes() + shipped.tobytes()).hexdigest()[:12]
+    tag = f"ce-f0-r{args.rank}-e{args.epochs}-lr{args.lr}-b{args.batch}-s{args.seed}-{cands_key}"
     ce_embedder = SentenceEmbedder.load()
     ce = CrossEncoder(ce_embedder, args.rank, args.seed)
     scores_path = args.cache / f"{tag}-scores.npz"
@@ -331,7 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         ship(args, load_file(str(tensors_path)), beta, pos, ce_scores + beta * base, base, gold, choose_rows, held, extra)
     if args.full:
         full = CrossEncoder(SentenceEmbedder.load(), args.rank, args.seed)
-        train(full, phrases, texts, pos, gold, np.flatnonzero(tuning), epochs=args.epochs, lr=args.lr,
+        all_phrases, all_texts, all_pos, all_gold = phrases, texts, pos, gold
+        train_on = np.flatnonzero(tuning)
+        if args.train_sg:  # appended after the Data Commons rows, their texts after the catalogue's
+            sp, st, spos, sgold = sg_training_rows(args, embedder, gazetteer)
+            all_phrases, all_texts = phrases + sp, texts + st
+            all_pos = np.concatenate([pos, np.where(spos >= 0, spos + len(texts), -1)])
+            all_gold = np.concatenate([gold, sgold + len(texts)])
+            train_on = np.concatenate([train_on] + [len(phrases) + np.arange(len(sp))] * args.train_sg)
+        train(full, all_phrases, all_texts, all_pos, all_gold, train_on, epochs=args.epochs, lr=args.lr,
               batch=args.batch, seed=args.seed)
         full_scores = score(full, phrases, texts, pos, held)
         print(f"full-tuning cross-encoder, beta {beta}: held-out top-1 "
