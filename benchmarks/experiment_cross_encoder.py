@@ -19,8 +19,10 @@ Honest protocol (the held-out half of the gold set is never used for learning or
    train on them, which favours the shipped score there: the choice errs towards the baseline).
 3. The held-out half is scored once with that ``beta``.
 
-``--full`` then retrains on all tuning variables with the same recipe and writes the LoRA, head and
-beta to ``--out`` (what would ship). Everything expensive is cached in ``--cache``.
+``--full`` then retrains on all tuning variables with the same recipe (``--train-sg N``: plus the
+Systema Globalis tuning questions, each N times) and writes the LoRA, head and beta to ``--out``;
+``--ship PATH`` writes the shipped search model with it. The shipped one came from
+``--epochs 2 --sg-tuning --full --train-sg 3``. Everything expensive is cached in ``--cache``.
 """
 
 from __future__ import annotations
