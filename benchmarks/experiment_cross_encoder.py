@@ -280,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-sg", type=int, default=0, metavar="N",
                         help="with --full: also train on the Systema Globalis tuning questions, each N times")
     parser.add_argument("--ship", type=Path, default=None,
-                        help="write the shipped search model plus the fold-0 cross-encoder, beta and a Platt "
-                             "scaling fitted on fold 1, to this path")
+                        help="write the shipped search model plus the cross-encoder (fold 0's, or with --full the "
+                             "retrained one), beta and a Platt scaling fitted on fold 1, to this path")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
 
