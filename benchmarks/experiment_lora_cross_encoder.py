@@ -43,7 +43,7 @@ from eval_variable_search import (  # noqa: E402
     statistic_phrase,
     systema_globalis_docs,
 )
-from experiment_cross_encoder import logit  # noqa: E402
+from experiment_cross_encoder import logit, top1  # noqa: E402
 from experiment_lora_reranker import lora_vectors, unit  # noqa: E402
 from train_variable_reranker import SG_TUNING, cached_phrases, fold_of  # noqa: E402
 
@@ -109,11 +109,6 @@ class PairScores:
                 if i >= 0:
                     out[q, j] = self.memo[(phrases[q], texts[i])]
         return out
-
-
-def top1(pos, values, gold, rows) -> float:
-    return float(np.mean([pos[q, int(np.argmax(np.where(np.isnan(values[q]), -np.inf, values[q])))] == gold[q]
-                          for q in rows]))
 
 
 def main(argv: list[str] | None = None) -> int:

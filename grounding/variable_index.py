@@ -30,8 +30,8 @@ How a query is scored:
    :class:`grounding.cross_encoder.CrossEncoder` (MiniLM with a LoRA update and a linear head) and
    reordered by ``ce_logit + beta * logit(reranker score)``; their scores are recalibrated
    (:class:`CrossEncoderSettings`). It costs ~10 encoder passes per query, and is off by default
-   because it is trained on half of the tuning queries only and loses some everyday paraphrases
-   (README, "Variable search").
+   because it loses some everyday paraphrases and Systema Globalis questions that the search alone
+   gets right (README, "Variable search").
 
 The query side has an optional learned **adapter** (``q + q @ down @ up``, then renormalised: a
 low-rank correction of the query embedding that moves paraphrases toward the catalogue's wording).
