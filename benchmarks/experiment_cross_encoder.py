@@ -81,6 +81,39 @@ class CrossEncoder(torch.nn.Module):
         return out
 
 
+def prepare(args):
+    """What every experiment over the Data Commons gold set shares: the embedding model, the gazetteer,
+    the catalogue's docs, each gold row's statistic phrase, the shipped search's best ``args.k``
+    (positions into the docs and scores), gold positions, tuning and fold masks, and a key of the
+    candidates' content (a trained model depends on the candidates, not on the bytes of the search-model
+    file, which also holds the shipped cross-encoder)."""
+    from grounding.variable_index import DEFAULT_SEARCH_MODEL_PATH
+    from models.sentence_embedder import SentenceEmbedder
+
+    embedder = SentenceEmbedder.load()
+    gazetteer = Gazetteer.default()
+    docs = catalog_docs(args.catalog)
+    known = {d.dcid for d in docs}
+    rows = [r for r in read_rows(args.queries, ("Query", "SV")) if r["SV"] in known]
+    where = {d.dcid: i for i, d in enumerate(docs)}
+    gold = np.array([where[r["SV"]] for r in rows])
+    tuning = np.array([is_tuning_variable(r["SV"]) for r in rows])
+    fold = np.array([fold_of(r["SV"]) for r in rows])
+    phrases = cached_phrases([r["Query"] for r in rows], gazetteer, args.cache)
+    index = open_catalog_index(docs, embedder, args.cache)
+    key = hashlib.sha256("\n".join(phrases).encode() + Path(DEFAULT_SEARCH_MODEL_PATH).read_bytes()).hexdigest()[:12]
+    t0 = time.perf_counter()
+    pos, shipped = candidates(index, phrases, cached_embeddings(embedder, phrases, args.cache), args.k, args.cache, key)
+    print(f"candidates: {time.perf_counter() - t0:.0f} s", flush=True)
+    cands_key = hashlib.sha256(pos.tobytes() + shipped.tobytes()).hexdigest()[:12]
+    return embedder, gazetteer, docs, phrases, pos, shipped, gold, tuning, fold, cands_key
+
+
+def fold0_tag(args, seed: int, cands_key: str) -> str:
+    """The cache name of the cross-encoder trained on tuning fold 0 with ``args``' recipe and ``seed``."""
+    return f"ce-f0-r{args.rank}-e{args.epochs}-lr{args.lr}-b{args.batch}-s{seed}-{cands_key}"
+
+
 def candidates(index, phrases, vectors, k: int, cache: Path, key: str):
     """(Q, k) doc positions and shipped scores, best first (-1 / nan padded)."""
     path = cache / f"ce-cands-{key}-k{k}.npz"
@@ -131,7 +164,7 @@ def train(ce: CrossEncoder, phrases, texts, pos, gold, rows, *, epochs: int, lr:
             sched.step()
             total += float(loss.detach()) * len(qs)
             if (s // batch) % 20 == 0:
-                print(f"  epoch {epoch + 1} step {s // batch}: loss {float(loss):.4f} ({time.perf_counter() - start:.0f} s)",
+                print(f"  epoch {epoch + 1} step {s // batch}: loss {float(loss.detach()):.4f} ({time.perf_counter() - start:.0f} s)",
                       flush=True)
         print(f"epoch {epoch + 1}/{epochs}: loss {total / len(rows):.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
     ce.eval()
@@ -182,7 +215,7 @@ def platt_fit(z: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, float]:
     return a.detach().numpy(), float(b.detach())
 
 
-def sg_tuning(tensors, args, embedder, gazetteer):
+def sg_tuning(tensors, args, embedder, gazetteer, *, rank: int | None = None, alpha: float | None = None):
     """For the Systema Globalis tuning questions (never the reported set): per question, the cross-encoder
     logits of the shipped search's best ``k``, their reranker logits, and which is right."""
     from eval_variable_search import statistic_phrase, systema_globalis_docs
@@ -192,8 +225,9 @@ def sg_tuning(tensors, args, embedder, gazetteer):
 
     docs = systema_globalis_docs(args.systema_globalis)
     index = open_catalog_index(docs, embedder, args.cache)
-    cross = Runtime.from_tensors(embedder, {k: v.numpy() for k, v in tensors.items()}, rank=args.rank,
-                                 alpha=2.0 * args.rank)
+    cross = Runtime.from_tensors(embedder, {k: v.numpy() for k, v in tensors.items()},
+                                 rank=args.rank if rank is None else rank,
+                                 alpha=2.0 * args.rank if alpha is None else alpha)
     questions = read_rows(SG_TUNING, ("Query", "SV"))
     phrases = [statistic_phrase(q["Query"], gazetteer)[0] for q in questions]
     ce, base, right = [], [], []
@@ -224,7 +258,14 @@ def sg_training_rows(args, embedder, gazetteer):
     return phrases, [cross_encoder_text(d) for d in docs], pos, gold
 
 
-def ship(args, tensors, beta: float, pos, combined, reranker_logit, gold, choose_rows, held, extra=None) -> None:
+def ship(args, tensors, beta: float, pos, combined, reranker_logit, gold, choose_rows, held, extra=None, *,
+         rank: int | None = None, alpha: float | None = None, description: str | None = None) -> None:
+    """Write ``args.ship``: the shipped search model with the cross-encoder ``tensors`` (LoRA ``rank`` and
+    ``alpha``, by default ``args.rank`` and twice it), ``beta``, and a Platt scaling fitted on the top
+    candidates of ``choose_rows`` (plus ``extra``); ``description`` replaces the notes' account of how it
+    was trained."""
+    rank = args.rank if rank is None else rank
+    alpha = 2.0 * args.rank if alpha is None else alpha
     from grounding.variable_index import DEFAULT_SEARCH_MODEL_PATH, CrossEncoderSettings, SearchModel
 
     def tops(rows):
@@ -247,16 +288,36 @@ def ship(args, tensors, beta: float, pos, combined, reranker_logit, gold, choose
           f"{rh[p >= 0.5].mean():.3f}", flush=True)
     model = SearchModel.load(DEFAULT_SEARCH_MODEL_PATH)
     model.cross_encoder = {k.removeprefix("bert."): v.numpy() for k, v in tensors.items()}
-    model.cross_encoder_settings = CrossEncoderSettings(rank=args.rank, alpha=2.0 * args.rank, k=args.k, beta=beta,
+    model.cross_encoder_settings = CrossEncoderSettings(rank=rank, alpha=alpha, k=args.k, beta=beta,
                                                         scale=float(a[0]), scale_reranker=float(a[1]), bias=b)
-    trained_on = "all tuning variables" if args.full else "tuning fold 0"
-    if args.full and args.train_sg:
-        trained_on += f" and the Systema Globalis tuning questions (x{args.train_sg})"
-    model.notes = (model.notes.split("; cross-encoder:")[0] + f"; cross-encoder: LoRA r{args.rank} on all-MiniLM-L6-v2, {args.epochs} epochs on "
-                   f"{trained_on}, beta and Platt chosen on tuning fold 1 with the fold-0 model "
-                   f"(benchmarks/experiment_cross_encoder.py)").lstrip("; ")
+    if description is None:
+        trained_on = "all tuning variables" if args.full else "tuning fold 0"
+        if args.full and args.train_sg:
+            trained_on += f" and the Systema Globalis tuning questions (x{args.train_sg})"
+        description = (f"LoRA r{args.rank} on all-MiniLM-L6-v2, {args.epochs} epochs on {trained_on}, beta and Platt "
+                       f"chosen on tuning fold 1 with the fold-0 model (benchmarks/experiment_cross_encoder.py)")
+    model.notes = (model.notes.split("; cross-encoder:")[0] + f"; cross-encoder: {description}").lstrip("; ")
     model.save(args.ship)
     print(f"wrote {args.ship}", flush=True)
+
+
+def train_full(args, embedder, gazetteer, phrases, texts, pos, gold, tuning) -> CrossEncoder:
+    """The cross-encoder retrained with ``args``' recipe on every tuning variable's queries (with
+    ``args.train_sg``: plus the Systema Globalis tuning questions, each that many times)."""
+    from models.sentence_embedder import SentenceEmbedder
+
+    full = CrossEncoder(SentenceEmbedder.load(), args.rank, args.seed)
+    all_phrases, all_texts, all_pos, all_gold = phrases, texts, pos, gold
+    train_on = np.flatnonzero(tuning)
+    if args.train_sg:  # appended after the Data Commons rows, their texts after the catalogue's
+        sp, st, spos, sgold = sg_training_rows(args, embedder, gazetteer)
+        all_phrases, all_texts = phrases + sp, texts + st
+        all_pos = np.concatenate([pos, np.where(spos >= 0, spos + len(texts), -1)])
+        all_gold = np.concatenate([gold, sgold + len(texts)])
+        train_on = np.concatenate([train_on] + [len(phrases) + np.arange(len(sp))] * args.train_sg)
+    train(full, all_phrases, all_texts, all_pos, all_gold, train_on, epochs=args.epochs, lr=args.lr,
+          batch=args.batch, seed=args.seed)
+    return full
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
                         default=Path("/work/shared/data/systema_globalis-c63631a.tar.xz"))
     parser.add_argument("--train-sg", type=int, default=0, metavar="N",
                         help="with --full: also train on the Systema Globalis tuning questions, each N times")
+    parser.add_argument("--full-only", action="store_true",
+                        help="only retrain on all tuning variables and write --out (no fold-0 model, no choice: "
+                             "for experiment_cross_encoder_soup.py)")
     parser.add_argument("--ship", type=Path, default=None,
                         help="write the shipped search model plus the cross-encoder (fold 0's, or with --full the "
                              "retrained one), beta and a Platt scaling fitted on fold 1, to this path")
@@ -287,35 +351,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from models.sentence_embedder import SentenceEmbedder
 
-    embedder = SentenceEmbedder.load()
-    gazetteer = Gazetteer.default()
-    docs = catalog_docs(args.catalog)
-    known = {d.dcid for d in docs}
-    rows = [r for r in read_rows(args.queries, ("Query", "SV")) if r["SV"] in known]
-    where = {d.dcid: i for i, d in enumerate(docs)}
-    gold = np.array([where[r["SV"]] for r in rows])
-    tuning = np.array([is_tuning_variable(r["SV"]) for r in rows])
-    fold = np.array([fold_of(r["SV"]) for r in rows])
-    phrases = cached_phrases([r["Query"] for r in rows], gazetteer, args.cache)
-    index = open_catalog_index(docs, embedder, args.cache)
-    from grounding.variable_index import DEFAULT_SEARCH_MODEL_PATH
-
-    key = hashlib.sha256("\n".join(phrases).encode() + Path(DEFAULT_SEARCH_MODEL_PATH).read_bytes()).hexdigest()[:12]
-    t0 = time.perf_counter()
-    pos, shipped = candidates(index, phrases, cached_embeddings(embedder, phrases, args.cache), args.k, args.cache, key)
-    print(f"candidates: {time.perf_counter() - t0:.0f} s", flush=True)
+    embedder, gazetteer, docs, phrases, pos, shipped, gold, tuning, fold, cands_key = prepare(args)
     texts = [cross_encoder_text(d) for d in docs]
-
     train_rows = np.flatnonzero(tuning & (fold == 0))
     choose_rows = np.flatnonzero(tuning & (fold == 1))
     held = np.flatnonzero(~tuning)
     print(f"shipped top-1: fold-1 tuning {top1(pos, shipped, gold, choose_rows):.3f}, held-out {top1(pos, shipped, gold, held):.3f}; "
           f"gold within top-{args.k}: held-out {np.mean([gold[q] in pos[q] for q in held]):.3f}", flush=True)
+    tag = fold0_tag(args, args.seed, cands_key)
+    if args.full_only:
+        from safetensors.torch import save_file
 
-    # the trained model depends on the candidates, not on the bytes of the search-model file (which also
-    # holds the shipped cross-encoder): key it by the candidates' content
-    cands_key = hashlib.sha256(pos.tobytes() + shipped.tobytes()).hexdigest()[:12]
-    tag = f"ce-f0-r{args.rank}-e{args.epochs}-lr{args.lr}-b{args.batch}-s{args.seed}-{cands_key}"
+        save_file(train_full(args, embedder, gazetteer, phrases, texts, pos, gold, tuning).tensors(), str(args.out),
+                  metadata={"k": str(args.k), "seed": str(args.seed)})
+        print(f"wrote {args.out}", flush=True)
+        return 0
     ce_embedder = SentenceEmbedder.load()
     ce = CrossEncoder(ce_embedder, args.rank, args.seed)
     scores_path = args.cache / f"{tag}-scores.npz"
@@ -359,17 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ship and not args.full:
         ship(args, load_file(str(tensors_path)), beta, pos, ce_scores + beta * base, base, gold, choose_rows, held, extra)
     if args.full:
-        full = CrossEncoder(SentenceEmbedder.load(), args.rank, args.seed)
-        all_phrases, all_texts, all_pos, all_gold = phrases, texts, pos, gold
-        train_on = np.flatnonzero(tuning)
-        if args.train_sg:  # appended after the Data Commons rows, their texts after the catalogue's
-            sp, st, spos, sgold = sg_training_rows(args, embedder, gazetteer)
-            all_phrases, all_texts = phrases + sp, texts + st
-            all_pos = np.concatenate([pos, np.where(spos >= 0, spos + len(texts), -1)])
-            all_gold = np.concatenate([gold, sgold + len(texts)])
-            train_on = np.concatenate([train_on] + [len(phrases) + np.arange(len(sp))] * args.train_sg)
-        train(full, all_phrases, all_texts, all_pos, all_gold, train_on, epochs=args.epochs, lr=args.lr,
-              batch=args.batch, seed=args.seed)
+        full = train_full(args, embedder, gazetteer, phrases, texts, pos, gold, tuning)
         full_scores = score(full, phrases, texts, pos, held)
         print(f"full-tuning cross-encoder, beta {beta}: held-out top-1 "
               f"{top1(pos, full_scores + beta * base, gold, held):.3f}; alone {top1(pos, full_scores, gold, held):.3f}")
