@@ -340,9 +340,6 @@ def main(argv: list[str] | None = None) -> int:
                         default=Path("/work/shared/data/systema_globalis-c63631a.tar.xz"))
     parser.add_argument("--train-sg", type=int, default=0, metavar="N",
                         help="with --full: also train on the Systema Globalis tuning questions, each N times")
-    parser.add_argument("--full-only", action="store_true",
-                        help="only retrain on all tuning variables and write --out (no fold-0 model, no choice: "
-                             "for experiment_cross_encoder_soup.py)")
     parser.add_argument("--ship", type=Path, default=None,
                         help="write the shipped search model plus the cross-encoder (fold 0's, or with --full the "
                              "retrained one), beta and a Platt scaling fitted on fold 1, to this path")
@@ -359,13 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shipped top-1: fold-1 tuning {top1(pos, shipped, gold, choose_rows):.3f}, held-out {top1(pos, shipped, gold, held):.3f}; "
           f"gold within top-{args.k}: held-out {np.mean([gold[q] in pos[q] for q in held]):.3f}", flush=True)
     tag = fold0_tag(args, args.seed, cands_key)
-    if args.full_only:
-        from safetensors.torch import save_file
-
-        save_file(train_full(args, embedder, gazetteer, phrases, texts, pos, gold, tuning).tensors(), str(args.out),
-                  metadata={"k": str(args.k), "seed": str(args.seed)})
-        print(f"wrote {args.out}", flush=True)
-        return 0
     ce_embedder = SentenceEmbedder.load()
     ce = CrossEncoder(ce_embedder, args.rank, args.seed)
     scores_path = args.cache / f"{tag}-scores.npz"

@@ -2,8 +2,7 @@
 
     python benchmarks/experiment_cross_encoder.py ... --epochs 2 --sg-tuning --seed 0   # and --seed 1, ...
     python benchmarks/experiment_cross_encoder_soup.py --catalog ../shared/data/dc_nl/catalog.csv \
-        --queries ../shared/data/dc_nl/queries_dev.csv --epochs 2 --seeds 0,1 \
-        [--ship PATH --full-tensors shipped,.cache/varsearch/ce-full-s1.safetensors]
+        --queries ../shared/data/dc_nl/queries_dev.csv --epochs 2 --seeds 0,1
 
 Every model is all-MiniLM-L6-v2 plus a LoRA update and a linear head, trained from the same weights with
 the same recipe; only the seed (LoRA initialisation and batch order) differs. Two ways to combine them:
@@ -18,10 +17,9 @@ the same recipe; only the seed (LoRA initialisation and batch order) differs. Tw
 Protocol, as in ``experiment_cross_encoder.py``: the models compared here are the ones trained on
 tuning fold 0 (cached by that script); the variant (one model, ensemble or soup) and ``beta`` are chosen
 on the mean top-1 of tuning fold 1 and the Systema Globalis tuning questions; the held-out half is scored
-for the chosen variant (all are printed, for information, after the choice). ``--ship`` soups the models
-retrained on all tuning variables (``--full-tensors``; ``shipped`` names the cross-encoder inside the
-current search model file) and writes the search model with it, ``beta`` and a Platt scaling fitted as
-for one model, on fold 1 with the fold-0 soup.
+for the chosen variant (all are printed, for information, after the choice). Measured on 2026-12-07/08
+(README): neither the ensemble nor the soup beat a single model, so nothing here writes a search model;
+shipping a soup would mean souping models retrained on all tuning variables the same way.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from experiment_cross_encoder import fold0_tag, logit, prepare, sg_tuning, ship, top1  # noqa: E402
+from experiment_cross_encoder import fold0_tag, logit, prepare, sg_tuning, top1  # noqa: E402
 
 from grounding.variable_index import cross_encoder_text  # noqa: E402
 
@@ -63,17 +61,6 @@ def soup(models: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         else:  # the head
             out[name] = torch.stack(values).mean(0)
     return out
-
-
-def shipped_cross_encoder() -> dict[str, torch.Tensor]:
-    from grounding.variable_index import DEFAULT_SEARCH_MODEL_PATH, SearchModel
-
-    model = SearchModel.load(DEFAULT_SEARCH_MODEL_PATH)
-    if not model.cross_encoder:
-        raise SystemExit(f"{DEFAULT_SEARCH_MODEL_PATH} holds no cross-encoder")
-    if model.cross_encoder_settings.rank != 16:
-        raise SystemExit(f"the shipped cross-encoder has rank {model.cross_encoder_settings.rank}: already a soup?")
-    return {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in model.cross_encoder.items()}
 
 
 @torch.inference_mode()
@@ -107,10 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1", help="the fold-0 cross-encoders to combine (comma-separated seeds)")
     parser.add_argument("--systema-globalis", type=Path,
                         default=Path("/work/shared/data/systema_globalis-c63631a.tar.xz"))
-    parser.add_argument("--ship", type=Path, default=None)
-    parser.add_argument("--full-tensors", default=None,
-                        help="comma-separated cross-encoders retrained on all tuning variables, to soup for --ship "
-                             "('shipped': the one inside the current search model file)")
     args = parser.parse_args(argv)
     from safetensors.torch import load_file
 
@@ -164,31 +147,6 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     print("for information only, never used for a choice, held-out at each variant's beta: " + ", ".join(
         f"{name} {top1(pos, values + choice[name][0] * base, gold, held):.3f}" for name, (values, _) in variants.items()))
-
-    if args.ship:
-        if not chosen.startswith("soup"):
-            print(f"not shipping: the choice is {chosen}, and the runtime holds one cross-encoder (a soup is one)")
-            return 1
-        if not args.full_tensors:
-            raise SystemExit("--ship needs --full-tensors")
-        full = [shipped_cross_encoder() if f == "shipped" else load_file(f) for f in args.full_tensors.split(",")]
-        if len(full) != n:
-            raise SystemExit(f"--full-tensors names {len(full)} cross-encoders, --seeds {n}")
-        tensors = soup(full)
-        sg = variants[chosen][1]
-        tops = []
-        for z, bl, r in zip(*sg, strict=True):
-            j = int(np.argmax(z + beta * bl))
-            tops.append(((float(z[j] + beta * bl[j]), float(bl[j])), float(r[j])))
-        extra = (np.array([t for t, _ in tops]), np.array([r for _, r in tops]))
-        description = (f"a soup (mean weight update) of {n} LoRA r{args.rank} updates of all-MiniLM-L6-v2 trained with seeds "
-                       f"{args.seeds}, {args.epochs} epochs each on all tuning variables and the Systema Globalis tuning "
-                       f"questions (x3); the soup, beta and Platt chosen on tuning fold 1 with the fold-0 models "
-                       f"(benchmarks/experiment_cross_encoder_soup.py)")
-        ship(args, tensors, beta, pos, soup_scores + beta * base, base, gold, choose_rows, held, extra,
-             rank=rank, alpha=alpha, description=description)
-        full_scores = runtime_scores(tensors, rank, alpha, embedder, phrases, texts, pos, held)
-        print(f"shipped soup, beta {beta}: held-out top-1 {top1(pos, full_scores + beta * base, gold, held):.3f}")
     return 0
 
 
