@@ -6,8 +6,11 @@ post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm,
 ``model.norm``; the LM head is tied to the embedding matrix.
 
 The KV cache is static: :meth:`GemmaLM.setup_cache` preallocates ``(batch, kv_heads, max_len, head_dim)``
-per layer and forward passes write into it in place at their positions (``input_pos``), which may
-differ per row (batches of prompts of different lengths, right-padded).
+per layer (``max_len`` rounded up to a multiple of 256) and forward passes write into it in place at
+their positions (``input_pos``), which may differ per row (batches of prompts of different lengths,
+right-padded). Attention reads the cache up to the next multiple of 256 past the last position, so
+the key length, and with it every rounding, depends on the positions only, never on how large an
+earlier call left the cache: the same input gives the same bits whatever ran before.
 """
 
 from __future__ import annotations
@@ -260,10 +263,11 @@ class GemmaLM(nn.Module):
 
     # -- cache ---------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
-        """Preallocate the static KV cache (reused while large enough)."""
+        """Preallocate the static KV cache (reused while large enough) for ``max_len`` positions, rounded
+        up to a multiple of 256: attention reads whole 256-position blocks of it (see ``hidden_states``),
+        and a compiled step is traced for one cache size, so fewer sizes compile less often."""
         c = self.config
-        if self._compile_decode:  # fewer, larger caches: a compiled step is traced for one cache size
-            max_len = -(-max_len // _KV_BUCKET) * _KV_BUCKET
+        max_len = -(-max_len // _KV_BUCKET) * _KV_BUCKET
         dtype = dtype or self.model.embed_tokens.weight.dtype
         device = device or self.model.embed_tokens.weight.device
         first = self.model.layers[0].self_attn.cache
@@ -333,8 +337,10 @@ class GemmaLM(nn.Module):
                 raise ValueError(f"batch {batch} exceeds the KV cache batch {self.cache_batch}")
             # Attend over a bucketed prefix of the cache: on CPU every new matmul shape pays a
             # one-off kernel selection, so letting the key length grow by one per decode step would
-            # pay it at every step. Keys past each row's end are masked by kv_lens.
-            kv_used = min(self.cache_len, -(-end // _KV_BUCKET) * _KV_BUCKET)
+            # pay it at every step. Keys past each row's end are masked by kv_lens. The cache is a
+            # whole number of buckets, so the key length depends on ``end`` alone (not on the size
+            # an earlier, longer call left the cache at), and so do the results' last bits.
+            kv_used = -(-end // _KV_BUCKET) * _KV_BUCKET
             if kv_lens is None:
                 kv_lens = start + seq if not isinstance(start, int) else torch.full(
                     (batch,), end, dtype=torch.long, device=device)
@@ -403,8 +409,8 @@ class GemmaLM(nn.Module):
         what can change the traced code (quantisation, the LM head, the attention backend and its
         environment setting) and compiles afresh when it changed; weights updated or replaced with
         tensors of the same shapes are read anew at every call. The KV cache's sizes are fixed in the
-        traced code, so a new cache size compiles again: while compiled, :meth:`setup_cache` rounds
-        lengths up to a multiple of 256 and keeps a cache that is large enough. ``enabled=False``
+        traced code, so a new cache size compiles again: :meth:`setup_cache` rounds lengths up to a
+        multiple of 256 and keeps a cache that is large enough. ``enabled=False``
         returns to the eager step. Returns the model."""
         self._compiled_decode = None
         self._compile_decode = bool(enabled)

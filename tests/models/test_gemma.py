@@ -114,6 +114,25 @@ def test_incremental_decoding_equals_full_forward_past_the_window(pair):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
 
 
+def test_cached_results_do_not_depend_on_an_earlier_calls_cache_size(pair):
+    """The same cached forward gives the same bits after a call that left a larger cache behind (the
+    cache is reused while large enough; the key length read must depend on the positions only)."""
+    _, ours = pair
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ours.clear_cache()
+        ours.setup_cache(1, 12)
+        fresh = ours(ids, input_pos=0)
+        ours.clear_cache()
+        ours.setup_cache(1, 300)  # a longer call before
+        ours(torch.randint(3, VOCAB, (1, 100), generator=torch.Generator().manual_seed(8)), input_pos=0)
+        ours.setup_cache(1, 12)  # keeps the larger cache
+        assert ours.cache_len >= 300
+        after = ours(ids, input_pos=0)
+        ours.clear_cache()
+    assert torch.equal(fresh, after)
+
+
 def test_per_row_positions_decode_like_single_rows(pair):
     """Right-padded rows of different lengths decoding at their own positions."""
     _, ours = pair
