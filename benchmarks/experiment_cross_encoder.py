@@ -171,13 +171,16 @@ def train(ce: CrossEncoder, phrases, texts, pos, gold, rows, *, epochs: int, lr:
 
 
 @torch.inference_mode()
-def score(ce: CrossEncoder, phrases, texts, pos, rows, batch: int = 256) -> np.ndarray:
+def score(ce, phrases, texts, pos, rows, batch: int = 256) -> np.ndarray:
+    """Logits of ``ce`` (a callable on a list of (phrase, text) pairs: the training module, or a runtime
+    cross-encoder's ``score``) for every candidate of ``rows``, NaN elsewhere."""
     out = np.full(pos.shape, np.nan, np.float32)
     pairs = [(q, j) for q in rows for j in range(pos.shape[1]) if pos[q, j] >= 0]
     start = time.perf_counter()
     for s in range(0, len(pairs), batch):
         chunk = pairs[s:s + batch]
-        z = ce([(phrases[q], texts[pos[q, j]]) for q, j in chunk]).numpy()
+        z = ce([(phrases[q], texts[pos[q, j]]) for q, j in chunk])
+        z = z.numpy() if isinstance(z, torch.Tensor) else z
         for (q, j), v in zip(chunk, z, strict=True):
             out[q, j] = v
     print(f"scored {len(pairs)} pairs in {time.perf_counter() - start:.0f} s "
@@ -320,24 +323,30 @@ def train_full(args, embedder, gazetteer, phrases, texts, pos, gold, tuning) -> 
     return full
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_recipe_arguments(parser: argparse.ArgumentParser, *, epochs: int) -> None:
+    """The data, cache and training-recipe options every cross-encoder experiment shares (the recipe
+    names a trained fold-0 model in the cache: :func:`fold0_tag`)."""
     parser.add_argument("--catalog", type=Path, required=True)
     parser.add_argument("--queries", type=Path, required=True)
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "varsearch")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--systema-globalis", type=Path,
+                        default=Path("/work/shared/data/systema_globalis-c63631a.tar.xz"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_recipe_arguments(parser, epochs=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="then retrain on all tuning variables and save")
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "varsearch" / "cross_encoder.safetensors")
     parser.add_argument("--sg-tuning", action="store_true",
                         help="choose beta on the mean top-1 of DC fold 1 and the Systema Globalis tuning questions, "
                              "and fit the Platt scaling on both")
-    parser.add_argument("--systema-globalis", type=Path,
-                        default=Path("/work/shared/data/systema_globalis-c63631a.tar.xz"))
     parser.add_argument("--train-sg", type=int, default=0, metavar="N",
                         help="with --full: also train on the Systema Globalis tuning questions, each N times")
     parser.add_argument("--ship", type=Path, default=None,

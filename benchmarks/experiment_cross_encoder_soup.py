@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from experiment_cross_encoder import fold0_tag, logit, prepare, sg_tuning, top1  # noqa: E402
+from experiment_cross_encoder import add_recipe_arguments, fold0_tag, logit, prepare, score, sg_tuning, top1  # noqa: E402
 
 from grounding.variable_index import cross_encoder_text  # noqa: E402
 
@@ -63,37 +62,18 @@ def soup(models: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
-@torch.inference_mode()
 def runtime_scores(tensors, rank: int, alpha: float, embedder, phrases, texts, pos, rows) -> np.ndarray:
     """Logits of the merged (runtime) cross-encoder for every candidate of ``rows``; NaN elsewhere."""
     from grounding.cross_encoder import CrossEncoder as Runtime
 
     cross = Runtime.from_tensors(embedder, {k: v.numpy() for k, v in tensors.items()}, rank=rank, alpha=alpha)
-    out = np.full(pos.shape, np.nan, np.float32)
-    pairs = [(q, j) for q in rows for j in range(pos.shape[1]) if pos[q, j] >= 0]
-    start = time.perf_counter()
-    for s in range(0, len(pairs), 4096):
-        chunk = pairs[s:s + 4096]
-        z = cross.score([(phrases[q], texts[pos[q, j]]) for q, j in chunk])
-        for (q, j), v in zip(chunk, z, strict=True):
-            out[q, j] = v
-    print(f"soup: scored {len(pairs)} pairs in {time.perf_counter() - start:.0f} s", flush=True)
-    return out
+    return score(cross.score, phrases, texts, pos, rows, batch=4096)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--catalog", type=Path, required=True)
-    parser.add_argument("--queries", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "varsearch")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch", type=int, default=16)
+    add_recipe_arguments(parser, epochs=2)
     parser.add_argument("--seeds", default="0,1", help="the fold-0 cross-encoders to combine (comma-separated seeds)")
-    parser.add_argument("--systema-globalis", type=Path,
-                        default=Path("/work/shared/data/systema_globalis-c63631a.tar.xz"))
     args = parser.parse_args(argv)
     from safetensors.torch import load_file
 
