@@ -93,17 +93,32 @@ def calibration_features(values: np.ndarray, rl: np.ndarray) -> tuple[np.ndarray
     return j, np.stack([share, rl[rows, j]], axis=1)
 
 
-def choose(name: str, z_dc, ll_dc, right_dc, z_sg, ll_sg, right_sg, rl_dc, rl_sg):
+def combined(base: np.ndarray, ll: np.ndarray, w: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """As the runtime stage combines them: the best ``k`` of each row by ``base`` (the earlier stage's
+    order; stable, so the reranker's own order when ``base`` is its logit) get ``base + w * ll``, the others
+    keep their order below them. Returns the values to rank by, and the same with NaN outside the best ``k``
+    (what :func:`calibration_features` reads)."""
+    b = np.where(np.isnan(base), -np.inf, base)
+    head = np.argsort(-b, axis=1, kind="stable")[:, :k]
+    rows = np.arange(len(b))[:, None]
+    values = np.where(np.isnan(base), np.nan, base - 1e9)
+    values[rows, head] = base[rows, head] + w * ll[rows, head]
+    head_values = np.full(base.shape, np.nan)
+    head_values[rows, head] = values[rows, head]
+    return values, head_values
+
+
+def choose(name: str, z_dc, ll_dc, right_dc, z_sg, ll_sg, right_sg, rl_dc, rl_sg, k: int):
     """The weight with the best mean top-1 of fold 1 and SG tuning (ties: the smaller), and its Platt scaling
     fitted on both sets' top candidates (features: :func:`calibration_features`)."""
-    on_dc = {w: top1(z_dc + w * ll_dc, right_dc) for w in WEIGHTS}
-    on_sg = {w: top1(z_sg + w * ll_sg, right_sg) for w in WEIGHTS}
+    on_dc = {w: top1(combined(z_dc, ll_dc, w, k)[0], right_dc) for w in WEIGHTS}
+    on_sg = {w: top1(combined(z_sg, ll_sg, w, k)[0], right_sg) for w in WEIGHTS}
     print(f"{name}: weight -> top-1 on fold-1 tuning / SG tuning: "
           + ", ".join(f"{w}: {on_dc[w]:.3f}/{on_sg[w]:.3f}" for w in WEIGHTS), flush=True)
     w = max(WEIGHTS, key=lambda w: ((on_dc[w] + on_sg[w]) / 2, -w))
     feats, rights = [], []
     for z, ll, right, rl in ((z_dc, ll_dc, right_dc, rl_dc), (z_sg, ll_sg, right_sg, rl_sg)):
-        j, f = calibration_features(z + w * ll, rl)
+        j, f = calibration_features(combined(z, ll, w, k)[1], rl)
         feats.append(f)
         rights.append(right[np.arange(len(j)), j])
     a, b = platt_fit(np.concatenate(feats), np.concatenate(rights))
@@ -117,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     add_recipe_arguments(parser, epochs=2)
     parser.add_argument("--lm", default=None, help="language model (checkpoint directory or .gguf; default: Gemma "
                                                    "3 270M of the 'weights' extra)")
+    parser.add_argument("--lm-k", type=int, default=5,
+                        help="how many of the earlier stage's best the language model reorders (it scores only "
+                             "those: the cost is proportional)")
     parser.add_argument("--ship", type=Path, default=None,
                         help="write the shipped search model with the chosen language-model settings to this path")
     args = parser.parse_args(argv)
@@ -183,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     t_ce = np.array([np.r_[c, [np.nan] * (t_rl.shape[1] - len(c))] for c in sg_ce])
 
     rc, rl_c = right[choose_rows], rl[choose_rows]
-    w_a, a_a, b_a = choose("after the reranker", rl_c, ll_choose, rc, t_rl, t_ll, t_right, rl_c, t_rl)
+    k = args.lm_k
+    w_a, a_a, b_a = choose("after the reranker", rl_c, ll_choose, rc, t_rl, t_ll, t_right, rl_c, t_rl, k)
     w_c, a_c, b_c = choose("after the cross-encoder (fold-0 model)", ce0[choose_rows] + beta * rl_c, ll_choose, rc,
-                           t_ce + beta * t_rl, t_ll, t_right, rl_c, t_rl)
+                           t_ce + beta * t_rl, t_ll, t_right, rl_c, t_rl, k)
 
     # Held out: the language model, and the shipped cross-encoder, once.
     ll_held = rows_scores(held, "held-out")
@@ -196,28 +215,34 @@ def main(argv: list[str] | None = None) -> int:
     texts = [cross_encoder_text(d) for d in docs]
     ce_held = score(lambda pairs: cross.score(pairs), phrases, texts, pos, held)[held]
     rh, rl_h = right[held], rl[held]
+    lm_a = combined(rl_h, ll_held, w_a, k)
+    lm_c = combined(ce_held + beta * rl_h, ll_held, w_c, k)
     variants = {
         "shipped default (adapter + fusion + reranker)": rl_h,
-        f"+ language model (w {w_a})": rl_h + w_a * ll_held,
+        f"+ language model (w {w_a}, best {k})": lm_a[0],
         "+ cross-encoder (shipped, opt-in)": ce_held + beta * rl_h,
-        f"+ cross-encoder + language model (w {w_c})": ce_held + beta * rl_h + w_c * ll_held,
-        "language model alone": ll_held,
+        f"+ cross-encoder + language model (w {w_c}, best {k})": lm_c[0],
+        "language model alone (over the best 10)": ll_held,
     }
     print(f"\nheld-out split ({len(held)} queries), top-1 / top-3 / top-10 over the best {args.k}:")
     for label, v in variants.items():
         print(f"| {label} | {top1(v, rh):.3f} / {topn(v, rh, 3):.3f} / {topn(v, rh, 10):.3f} |")
-    for label, v, a, b in (("language model", rl_h + w_a * ll_held, a_a, b_a),
-                           ("cross-encoder + language model", ce_held + beta * rl_h + w_c * ll_held, a_c, b_c)):
-        j, f = calibration_features(v, rl_h)
-        # capped at the reranker's best score among the k, as the runtime does
+    for label, (_, head_values), a, b in (("language model", lm_a, a_a, b_a),
+                                          ("cross-encoder + language model", lm_c, a_c, b_c)):
+        j, f = calibration_features(head_values, rl_h)
+        # capped at the reranker's best score among the candidates, as the runtime does
         p = np.minimum(1 / (1 + np.exp(-(f @ a + b))), np.nanmax(shipped[held], axis=1))
         ok = rh[np.arange(len(j)), j]
         print(f"{label}: held-out mean predicted {p.mean():.3f} vs observed {ok.mean():.3f}; answered at 0.5: "
               f"{np.mean(p >= 0.5):.3f}, right among them {ok[p >= 0.5].mean():.3f}")
     print("for information only, never used for a choice, held-out top-1 by weight: after the reranker "
-          + ", ".join(f"{w}: {top1(rl_h + w * ll_held, rh):.3f}" for w in WEIGHTS)
-          + "; after the cross-encoder " + ", ".join(f"{w}: {top1(ce_held + beta * rl_h + w * ll_held, rh):.3f}"
-                                                   for w in WEIGHTS), flush=True)
+          + ", ".join(f"{w}: {top1(combined(rl_h, ll_held, w, k)[0], rh):.3f}" for w in WEIGHTS)
+          + "; after the cross-encoder "
+          + ", ".join(f"{w}: {top1(combined(ce_held + beta * rl_h, ll_held, w, k)[0], rh):.3f}" for w in WEIGHTS)
+          + "; by how many the language model reorders (chosen weights): "
+          + ", ".join(f"{n}: {top1(combined(rl_h, ll_held, w_a, n)[0], rh):.3f} / "
+                      f"{top1(combined(ce_held + beta * rl_h, ll_held, w_c, n)[0], rh):.3f}" for n in (2, 3, 5, 10)),
+          flush=True)
 
     # The reported Systema Globalis questions (never used for a choice).
     r_rl, r_right, r_ll, found, questions, sg_phrases = sg_set(SG_QUESTIONS, "sg-reported")
@@ -225,13 +250,13 @@ def main(argv: list[str] | None = None) -> int:
                            [np.nan] * (r_rl.shape[1] - len(f))] for p, f in zip(sg_phrases, found, strict=True)])
     print(f"Systema Globalis reported questions ({len(questions)}), top-1 / top-3: shipped "
           f"{top1(r_rl, r_right):.3f} / {topn(r_rl, r_right, 3):.3f}; + language model "
-          f"{top1(r_rl + w_a * r_ll, r_right):.3f} / {topn(r_rl + w_a * r_ll, r_right, 3):.3f}; + cross-encoder "
-          f"{top1(r_ce + beta * r_rl, r_right):.3f}; + cross-encoder + language model "
-          f"{top1(r_ce + beta * r_rl + w_c * r_ll, r_right):.3f}", flush=True)
+          f"{top1(combined(r_rl, r_ll, w_a, k)[0], r_right):.3f} / {topn(combined(r_rl, r_ll, w_a, k)[0], r_right, 3):.3f}"
+          f"; + cross-encoder {top1(r_ce + beta * r_rl, r_right):.3f}; + cross-encoder + language model "
+          f"{top1(combined(r_ce + beta * r_rl, r_ll, w_c, k)[0], r_right):.3f}", flush=True)
 
     if args.ship:
         model.lm_reranker_settings = LMRerankerSettings(
-            k=args.k, template=DEFAULT_TEMPLATE, model=Path(lm.source).name,
+            k=k, template=DEFAULT_TEMPLATE, model=Path(lm.source).name,
             after_reranker=LMCombination(weight=w_a, scale=float(a_a[0]), scale_reranker=float(a_a[1]), bias=b_a),
             after_cross_encoder=LMCombination(weight=w_c, scale=float(a_c[0]), scale_reranker=float(a_c[1]), bias=b_c))
         model.notes = (model.notes.split("; language model:")[0] + "; language model: zero-shot query likelihood, "

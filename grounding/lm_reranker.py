@@ -13,12 +13,12 @@ mean in running text, which the search's features and MiniLM do not see. The phr
 every candidate of a query, so the sums compare across candidates without any length normalisation.
 
 :class:`grounding.variable_index.VariableIndex` uses it as an opt-in last stage (``lm_reranker=...`` or
-``GEMMA_GROUNDING_LM_RERANKER``): the best ``k`` (10) are reordered by ``z + weight * log P`` where ``z``
+``GEMMA_GROUNDING_LM_RERANKER``): the best ``k`` (5) are reordered by ``z + weight * log P`` where ``z``
 is what the earlier stages said (the reranker's logit, or the cross-encoder's combination), and their
 scores are recalibrated. The weight and the calibration are chosen by
 ``benchmarks/experiment_lm_reranker.py`` on tuning queries only and stored in the search model file.
-It costs one forward pass of the language model over ~``k`` x 25 tokens per query (about 0.45 s for Gemma
-3 270M on 2 CPU cores).
+It costs one forward pass of the language model over ~``k`` x 25 tokens per query (about a quarter of a
+second for Gemma 3 270M and 5 candidates on 2 CPU cores).
 """
 
 from __future__ import annotations

@@ -33,10 +33,11 @@ How a query is scored:
    because it loses some everyday paraphrases and Systema Globalis questions that the search alone
    gets right (README, "Variable search").
 7. **Language model (opt-in).** With ``lm_reranker=...`` (or ``GEMMA_GROUNDING_LM_RERANKER``) and a search
-   model that has :class:`LMRerankerSettings`, the best ``k`` (10) are reordered once more by ``z + weight *
+   model that has :class:`LMRerankerSettings`, the best ``k`` (5) are reordered once more by ``z + weight *
    log P(phrase | variable name)`` under a Gemma language model (:mod:`grounding.lm_reranker`, zero-shot
-   query likelihood; ``z`` is the reranker's logit, or the cross-encoder's combination when that runs too),
-   and their scores are recalibrated. About 0.45 s per query with Gemma 3 270M on 2 CPU cores.
+   query likelihood; ``z`` is the reranker's logit, or the cross-encoder's combination when that runs too,
+   whose order then picks the 5), and their scores are recalibrated, never above the reranker's best.
+   About a quarter of a second per query with Gemma 3 270M on 2 CPU cores.
 
 The query side has an optional learned **adapter** (``q + q @ down @ up``, then renormalised: a
 low-rank correction of the query embedding that moves paraphrases toward the catalogue's wording).
@@ -175,7 +176,9 @@ class LMCombination(BaseModel):
 
 
 class LMRerankerSettings(BaseModel):
-    """How query likelihood under a language model reorders the best ``k`` (:mod:`grounding.lm_reranker`).
+    """How query likelihood under a language model reorders the best ``k`` (:mod:`grounding.lm_reranker`):
+    the reranker's best ``k``, or the best ``k`` of the cross-encoder's order when that runs too (it reorders
+    its own, larger window first; the rest of that window keeps its order below them).
 
     ``after_reranker`` combines it with the reranker's logit (``z = logit(reranker score)``);
     ``after_cross_encoder`` with the cross-encoder's combination (``z = ce_logit + beta * logit(...)``),
@@ -183,7 +186,7 @@ class LMRerankerSettings(BaseModel):
     (another one can be named at run time; it is then used with these weights).
     """
 
-    k: int = 10
+    k: int = 5
     template: str = "Statistic: {variable}\nQuestion:"
     model: str = ""
     after_reranker: LMCombination
@@ -777,42 +780,50 @@ class VariableIndex:
         the language model's query likelihood, their scores recalibrated; the candidates below keep their
         order, scored no higher. Also, per query, what each stage said of each of the best (doc -> text)."""
         cross_settings, lm_settings = self._cross_settings if cross is not None else None, self._lm_settings
-        k = min(s.k for s in (cross_settings, lm_settings if lm is not None else None) if s is not None)
-        if cross is not None:
-            pairs = [(query, self._cross_texts[i]) for query, items in zip(queries, scored, strict=True)
-                     for _, i, _, _ in items[:k]]
-            logits = cross.score(pairs) if pairs else np.zeros(0, np.float32)
         combination = None
         if lm is not None:
             # None: the settings have no weight for after the cross-encoder, so the language model is not used
             combination = lm_settings.after_cross_encoder if cross is not None else lm_settings.after_reranker
+        window = cross_settings.k if cross_settings is not None else lm_settings.k
+        if cross is not None:
+            pairs = [(query, self._cross_texts[i]) for query, items in zip(queries, scored, strict=True)
+                     for _, i, _, _ in items[:window]]
+            logits = cross.score(pairs) if pairs else np.zeros(0, np.float32)
         out, notes, at = [], [], 0
         for query, items in zip(queries, scored, strict=True):
-            top = items[:k]
+            top = items[:window]
             rl = np.array([_logit(s) for s, _, _, _ in top], np.float32)
             said = {i: [] for _, i, _, _ in top}
-            z = rl.copy()
-            if cross_settings is not None:
-                z = logits[at:at + len(top)] + cross_settings.beta * rl
+            if cross_settings is not None:  # the cross-encoder reorders the window and rescores it
+                c = cross_settings
+                z = logits[at:at + len(top)] + c.beta * rl
                 for (_, i, _, _), v in zip(top, logits[at:at + len(top)], strict=True):
                     said[i].append(f"cross-encoder {float(v):+.2f}")
+                order = sorted(range(len(top)), key=lambda j: (-float(z[j]), self.docs[top[j][1]].dcid))
+                score = {j: _sigmoid(c.scale * float(z[j]) + c.scale_reranker * float(rl[j]) + c.bias)
+                         for j in range(len(top))}
+            else:  # the reranker's order and scores
+                z, order, score = rl, list(range(len(top))), {j: top[j][0] for j in range(len(top))}
             at += len(top)
-            calibration = cross_settings
-            if combination is not None and top:
-                names = [self.docs[i].name or dcid_words(self.docs[i].dcid) for _, i, _, _ in top]
+            head = []
+            if combination is not None and top:  # the language model reorders the best lm_settings.k of that
+                head = order[:lm_settings.k]
+                names = [self.docs[top[j][1]].name or dcid_words(self.docs[top[j][1]].dcid) for j in head]
                 ll = lm.score(query, names)
-                z = z + combination.weight * ll
-                calibration = combination
-                for (_, i, _, _), v in zip(top, ll, strict=True):
-                    said[i].append(f"language model log P(question | name) {float(v):.1f}")
+                zh = np.array([z[j] for j in head], np.float64) + combination.weight * ll
+                for j, v in zip(head, ll, strict=True):
+                    said[top[j][1]].append(f"language model log P(question | name) {float(v):.1f}")
+                share = zh - (float(np.max(zh)) + math.log(float(np.sum(np.exp(zh - np.max(zh))))))
+                cap = max(s for s, _, _, _ in top)  # never above the reranker's best: it decides WHETHER
+                c = combination
+                for n, j in enumerate(head):
+                    score[j] = min(cap, _sigmoid(c.scale * float(share[n]) + c.scale_reranker * float(rl[j]) + c.bias))
+                ranked = sorted(range(len(head)), key=lambda n: (-float(zh[n]), self.docs[top[head[n]][1]].dcid))
+                head = [head[n] for n in ranked]
+                order = head + order[len(head):]
             notes.append({i: "; ".join(t) for i, t in said.items()})
-            order = sorted(range(len(top)), key=lambda j: (-float(z[j]), self.docs[top[j][1]].dcid))
-            feature, cap = z, 1.0
-            if calibration is combination and len(z):  # the language model's: a share of the evidence, capped
-                feature = z - (float(np.max(z)) + math.log(float(np.sum(np.exp(z - np.max(z))))))
-                cap = max(s for s, _, _, _ in top)
-            new = [(min(cap, _sigmoid(calibration.scale * float(feature[j]) + calibration.scale_reranker * float(rl[j])
-                                      + calibration.bias)), *top[j][1:]) for j in order]
+            head_floor = min((score[j] for j in head), default=1.0)
+            new = [(score[j] if j in head else min(score[j], head_floor), *top[j][1:]) for j in order]
             floor = min((s for s, _, _, _ in new), default=1.0)
             out.append(new + [(min(s, floor), i, d, x) for s, i, d, x in items[len(top):]])
         return out, notes

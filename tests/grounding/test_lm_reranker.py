@@ -202,6 +202,25 @@ def test_the_language_model_reorders_the_reranked_best(embedder, monkeypatch):
     share = z_both(best) - math.log(sum(math.exp(z_both(x)) for x in top))
     platt = 1 / (1 + math.exp(-(c.scale * share + c.scale_reranker * _logit(best.score) + c.bias)))
     assert both[0].score == pytest.approx(min(platt, before[0].score), abs=2e-3)
+    # A language-model window smaller than the cross-encoder's: it reorders the best 2 of the cross-encoder's
+    # order; the other 2 keep that order below them, scored no higher.
+    index._lm_settings = SETTINGS.model_copy(update={"k": 2})
+    narrow = index.search(query, k=len(TWINS))
+
+    def z_ce(x):
+        return (3.0 if x.dcid == "Count_Person_Male" else 0.0) + 0.5 * _logit(x.score)
+
+    by_ce = sorted(top, key=lambda x: (-z_ce(x), x.dcid))
+    head = sorted(by_ce[:2], key=lambda x: (-(z_ce(x) + c.weight * ll(x)), x.dcid))
+    assert [x.dcid for x in narrow[:4]] == [x.dcid for x in head + by_ce[2:]]
+    zh = {x.dcid: z_ce(x) + c.weight * ll(x) for x in by_ce[:2]}
+    norm = math.log(sum(math.exp(v) for v in zh.values()))
+    head_scores = [min(before[0].score, 1 / (1 + math.exp(-(c.scale * (zh[x.dcid] - norm)
+                                                             + c.scale_reranker * _logit(x.score) + c.bias))))
+                   for x in head]
+    assert [x.score for x in narrow[:2]] == pytest.approx(head_scores, abs=2e-3)
+    assert all(x.score <= min(head_scores) + 2e-3 for x in narrow[2:])
+    assert sum("language model" in x.reason for x in narrow) == 2
     # Never above the reranker's best: a generous calibration cannot make the search answer more often.
     generous = LMRerankerSettings(k=4, after_reranker=LMCombination(weight=1.0, scale=1.0, bias=50.0))
     index._cross_settings, index._cross, index._lm_settings = None, None, generous
