@@ -160,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def rows_scores(rows, label):
         print(f"{label}: {len(rows)} queries", flush=True)
-        out = lm_scores(lm, [phrases[q] for q in rows], [names[q] for q in rows],
-                        args.cache / f"lm-{lm_key}-{label}.npz")
-        return out
+        return lm_scores(lm, [phrases[q] for q in rows], [names[q] for q in rows], args.cache / f"lm-{lm_key}-{label}.npz")
 
     ll_choose = rows_scores(choose_rows, "fold1")
     # Fold 0's cross-encoder (the shipped beta was chosen with it) on fold 1 and the SG tuning questions.

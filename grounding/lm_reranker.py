@@ -92,9 +92,6 @@ class QueryLikelihoodReranker:
             raise LMRerankerError(f"{path}: {type(model).__name__} is not a causal language model")
         return cls(model, tokenizer, template=template, source=path)
 
-    def _ids(self, text: str, *, bos: bool, limit: int) -> list[int]:
-        ids = self.tokenizer.encode(text, add_bos=False)[:limit]
-        return [self.tokenizer.bos_id, *ids] if bos else ids
 
     def score(self, phrase: str, variables: Sequence[str]) -> np.ndarray:
         """``log P(" " + phrase | template(variable))`` for each variable, float32 ``(len(variables),)``.
@@ -104,11 +101,11 @@ class QueryLikelihoodReranker:
         out = np.zeros(len(variables), dtype=np.float32)
         with self._lock, torch.inference_mode():  # the model's buffers and torch's threads are shared
             phrase = " ".join(str(phrase).split())
-            target = self._ids(" " + phrase, bos=False, limit=MAX_QUERY_TOKENS) if phrase else []
+            target = self.tokenizer.encode(" " + phrase, add_bos=False)[:MAX_QUERY_TOKENS] if phrase else []
             if not variables or not target:
                 return out
-            prompts = [self._ids(self.template.format(variable=" ".join(str(v).split())[:MAX_VARIABLE_CHARS]),
-                                 bos=True, limit=10 * MAX_VARIABLE_CHARS) for v in variables]
+            prompts = [self.tokenizer.encode(self.template.format(variable=" ".join(str(v).split())[:MAX_VARIABLE_CHARS]),
+                                             add_bos=True) for v in variables]
             rows = [p + target for p in prompts]
             width = max(map(len, rows))
             ids = torch.zeros(len(rows), width, dtype=torch.long)  # right-padded: causal rows never see it
@@ -122,7 +119,7 @@ class QueryLikelihoodReranker:
             picked = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1])).reshape(-1, hidden.shape[-1])
             wanted = torch.tensor(target, device=device).repeat(len(rows))
             logp = torch.empty(len(wanted), dtype=torch.float32)
-            step = max(1, _LOGIT_ROWS)
+            step = _LOGIT_ROWS
             for s in range(0, len(wanted), step):
                 logits = self.model.logits(picked[s:s + step]).float()
                 logp[s:s + step] = (logits.gather(1, wanted[s:s + step, None])[:, 0]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from search_support import TWINS
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -29,7 +30,6 @@ from grounding.cross_encoder import CrossEncoder, CrossEncoderError
 from grounding.variable_index import (
     CrossEncoderSettings,
     SearchModel,
-    VariableDoc,
     VariableIndex,
     VariableIndexError,
     cross_encoder_text,
@@ -182,18 +182,6 @@ class Scorer:
     def score(self, pairs):
         self.pairs += list(pairs)
         return np.array([4.0 if ("Female" in text or "Imports" in text) else 0.0 for _, text in pairs], np.float32)
-
-
-TWINS = [
-    VariableDoc(dcid="Count_Person_Male", name="Male Population"),
-    VariableDoc(dcid="Count_Person_Female", name="Female Population"),
-    VariableDoc(dcid="Count_Person", name="Total Population"),
-    VariableDoc(dcid="Amount_Exports_Goods", name="Value of Goods Exported"),
-    VariableDoc(dcid="Amount_Imports_Goods", name="Value of Goods Imported"),
-    VariableDoc(dcid="Median_Age_Person", name="Median Age of Population"),
-    VariableDoc(dcid="Count_Household", name="Number of Households"),
-    VariableDoc(dcid="Mean_Rainfall", name="Average Rainfall"),
-]
 
 
 @pytest.fixture(scope="module")

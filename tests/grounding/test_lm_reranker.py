@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from search_support import TWINS
 
 from grounding.lm_reranker import MAX_QUERY_TOKENS, LMRerankerError, QueryLikelihoodReranker
 from grounding.variable_index import (
@@ -30,7 +31,6 @@ from grounding.variable_index import (
     LMCombination,
     LMRerankerSettings,
     SearchModel,
-    VariableDoc,
     VariableIndex,
 )
 from models import load_model
@@ -94,40 +94,24 @@ def test_scores_match_transformers(tmp_path):
         QueryLikelihoodReranker(ours, tokenizer, template="no placeholder")
 
 
-def test_a_missing_or_unreadable_model_is_a_clear_error(tmp_path, monkeypatch):
+def test_a_missing_or_unreadable_model_is_a_clear_error(tmp_path, monkeypatch, embedder):
     with pytest.raises(LMRerankerError, match="nowhere.gguf: no such language model"):
         QueryLikelihoodReranker.load(tmp_path / "nowhere.gguf")
     (tmp_path / "empty").mkdir()
     with pytest.raises(LMRerankerError, match="empty: cannot load it"):
         QueryLikelihoodReranker.load(tmp_path / "empty")
     with pytest.raises(LMRerankerError, match="nowhere.gguf: no such language model"):
-        VariableIndex.build(TWINS[:3], embedder=_embedder(), lm_reranker=tmp_path / "nowhere.gguf")
+        VariableIndex.build(TWINS[:3], embedder=embedder, lm_reranker=tmp_path / "nowhere.gguf")
     monkeypatch.setenv(LM_RERANKER_ENV, str(tmp_path / "nowhere.gguf"))
     with pytest.raises(LMRerankerError, match="nowhere.gguf"):
-        VariableIndex.build(TWINS[:3], embedder=_embedder())
-
-
-TWINS = [
-    VariableDoc(dcid="Count_Person_Male", name="Male Population"),
-    VariableDoc(dcid="Count_Person_Female", name="Female Population"),
-    VariableDoc(dcid="Count_Person", name="Total Population"),
-    VariableDoc(dcid="Amount_Exports_Goods", name="Value of Goods Exported"),
-    VariableDoc(dcid="Amount_Imports_Goods", name="Value of Goods Imported"),
-    VariableDoc(dcid="Median_Age_Person", name="Median Age of Population"),
-    VariableDoc(dcid="Count_Household", name="Number of Households"),
-    VariableDoc(dcid="Mean_Rainfall", name="Average Rainfall"),
-]
-
-
-def _embedder():
-    from models.sentence_embedder import SentenceEmbedder
-
-    return SentenceEmbedder.load()
+        VariableIndex.build(TWINS[:3], embedder=embedder)
 
 
 @pytest.fixture(scope="module")
 def embedder():
-    return _embedder()
+    from models.sentence_embedder import SentenceEmbedder
+
+    return SentenceEmbedder.load()
 
 
 class LikelihoodStandIn:
